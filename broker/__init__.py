@@ -1,0 +1,1 @@
+"""The virnucpro broker: scheduler core, wire protocol and ZeroMQ server (never imports torch)."""

@@ -1,0 +1,1 @@
+"""Pipeline helpers shared by workers and clients (weight table, file assignment)."""
