@@ -1,0 +1,98 @@
+"""The `virnucpro-broker` command: run the broker, or show a running broker's status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from broker import protocol
+from broker.client import BrokerClient, BrokerError, BrokerUnreachable, broker_address
+from broker.scheduler import Scheduler
+from broker.server import BrokerServer, ThroughputLog, default_log_path
+from broker.status import render_status
+from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bind", default=None, metavar="ADDR",
+              help=f"ZeroMQ address to listen on [default: ${protocol.ADDRESS_ENV} or {protocol.DEFAULT_ADDRESS}].")
+@click.option("--throughput-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"JSON Lines log appended per finished file [default: {default_log_path()}].")
+@click.option("--gpu-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML weight file ([weights] table) overriding the built-in GPU weights.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between heartbeats and lease checks.")
+@click.option("--worker-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds of silence after which a worker is dead and its files go to others.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Attempts before a file is reported failed.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every dropped message.")
+@click.pass_context
+def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_weights: Path | None,
+        heartbeat_interval: float, worker_timeout: float, max_attempts: int, verbose: bool) -> None:
+    """Run the virnucpro broker: it seeds GPU workers' queues by weight and lets idle ones steal.
+
+    Workers (`virnucpro worker --broker ADDR`) and clients (`virnucpro embed`,
+    `virnucpro predict --broker ADDR`) connect to ADDR.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        weights = load_weight_table(gpu_weights)
+    except WeightFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    log_path = throughput_log or default_log_path()
+    try:
+        log = ThroughputLog(log_path)
+    except OSError as exc:
+        raise click.ClickException(f"{log_path}: cannot open the throughput log ({exc.strerror})") from None
+    address = broker_address(bind)
+    try:
+        server = BrokerServer(address, Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts),
+                              weights, log, heartbeat_interval=heartbeat_interval)
+    except Exception as exc:  # zmq raises ZMQError for a bad or busy address
+        log.close()
+        raise click.ClickException(f"cannot listen on {address}: {exc}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    click.echo(f"virnucpro-broker listening on {server.address}", err=True)
+    click.echo(f"throughput log: {log_path}", err=True)
+    server.serve(stop)
+    click.echo("virnucpro-broker stopped", err=True)
+
+
+@cli.command()
+@click.option("--broker", "address", default=None, metavar="ADDR",
+              help=f"Broker address [default: ${protocol.ADDRESS_ENV} or {protocol.DEFAULT_ADDRESS}].")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds to wait for the broker's answer.")
+def status(address: str | None, as_json: bool, timeout: float) -> None:
+    """Show the workers, queues, jobs and counters of a running broker."""
+    address = broker_address(address)
+    try:
+        with BrokerClient(address, timeout=timeout) as client:
+            snapshot = client.request("status")["status"]
+    except (BrokerUnreachable, BrokerError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        render_status(snapshot)
+
+
+def main() -> None:
+    cli(prog_name="virnucpro-broker")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Request/reply access to a running broker, for clients and the status command."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import zmq
+
+from broker import protocol
+from broker.protocol import ProtocolError
+
+
+class BrokerUnreachable(RuntimeError):
+    """No answer from the broker within the timeout; the message names the address."""
+
+
+class BrokerError(RuntimeError):
+    """The broker answered with an error (a rejected job, an unknown job)."""
+
+
+def broker_address(address: str | None = None) -> str:
+    """The address to use: the one given, else $VIRNUCPRO_BROKER, else the default."""
+    return address or os.environ.get(protocol.ADDRESS_ENV) or protocol.DEFAULT_ADDRESS
+
+
+class BrokerClient:
+    """One DEALER socket, one request in flight at a time."""
+
+    def __init__(self, address: str, timeout: float = 5.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._context = zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            self._socket = self._context.socket(zmq.DEALER)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.connect(self.address)
+        return self._socket
+
+    def _reset(self) -> None:
+        # A reply that arrives after its timeout must not be read as the next request's.
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+
+    def request(self, kind: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one message and return the broker's reply; BrokerError for an `error` reply."""
+        socket = self._connect()
+        socket.send(protocol.encode(kind, **fields))
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not socket.poll(remaining * 1000):
+                self._reset()
+                raise BrokerUnreachable(f"no answer from the broker at {self.address} within {self.timeout:g} s")
+            try:
+                reply = protocol.decode(socket.recv())
+            except ProtocolError:
+                continue
+            if reply["type"] == "error":
+                raise BrokerError(reply["reason"])
+            return reply
+
+    def wait_until_up(self, timeout: float) -> dict[str, Any]:
+        """The broker's status, retrying until it answers or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.request("status", timeout=min(1.0, max(0.1, deadline - time.monotonic())))["status"]
+            except BrokerUnreachable:
+                if time.monotonic() >= deadline:
+                    raise BrokerUnreachable(
+                        f"no broker answered at {self.address} within {timeout:g} s; start one with "
+                        f"`virnucpro-broker --bind {self.address}` or pass --broker ADDR"
+                    ) from None
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> "BrokerClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,780 @@
+"""Scheduler core: a pure state machine from broker events to instructions.
+
+No sockets, threads or clock: the server (or the simulator in tools/) feeds it
+events that carry the current time and performs the instructions it returns.
+Policy, in DESIGN.md's words:
+
+- seeding: a submitted job's files go to the capable workers by weighted
+  bin-packing (largest first, to the worker that would finish it earliest);
+- each worker runs its own queue, largest file first;
+- stealing (if the job allows it): a worker with an empty queue takes the
+  last queued file of the worker predicted to finish last, only if it would
+  finish that file before its owner would;
+- leases: a worker silent for `worker_timeout` is dead, and its queued and
+  running files go back to the living; a file that fails `max_attempts` times
+  is failed with every reason, and the job goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from sortedcontainers import SortedList
+
+from virnucpro.pipeline.gpu_weights import assign_files_weighted
+
+# Weight of the newest file in a worker's moving-average speed.
+SPEED_SMOOTHING = 0.3
+# A worker that says it is idle this long after an assignment never got it.
+LOST_ASSIGNMENT_GRACE = 3.0
+# How many of the latest finishers a thief considers as victims.
+VICTIMS_CONSIDERED = 3
+# How far back from a victim's queue tail a thief looks for a file it may run.
+TAIL_SCAN = 16
+
+
+# ----------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One input file of a job, measured by the client at submission."""
+
+    path: str
+    output: str
+    sequences: int
+    residues: int
+
+
+@dataclass(frozen=True)
+class WorkerJoined:
+    worker: str
+    name: str
+    host: str
+    gpu: str
+    weight: float
+    stages: tuple[str, ...]
+    now: float
+
+
+@dataclass(frozen=True)
+class WorkRequested:
+    worker: str
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskSucceeded:
+    worker: str
+    task: str
+    seconds: float
+    skipped: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    worker: str
+    task: str
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker: str
+    task: str | None
+    now: float
+    gauges: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class WorkerLeft:
+    worker: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True)
+class JobSubmitted:
+    job: str
+    stage: str
+    output_dir: str
+    files: tuple[FileSpec, ...]
+    weighted: bool
+    steal: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    job: str
+    now: float
+
+
+Event = (
+    WorkerJoined | WorkRequested | TaskSucceeded | TaskFailed | Heartbeat | WorkerLeft | Tick | JobSubmitted | JobCancelled
+)
+
+# ----------------------------------------------------------- instructions
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Send file `path` to `worker`; it writes `output`."""
+
+    worker: str
+    task: str
+    job: str
+    stage: str
+    path: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """Tell `worker` to stop running `task` (its job was cancelled or finished without it)."""
+
+    worker: str
+    task: str
+
+
+@dataclass(frozen=True)
+class Reregister:
+    """`worker` is unknown or was declared dead: it must register again."""
+
+    worker: str
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    job: str
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Log:
+    """Append `record` to the throughput log."""
+
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A line for the broker's own log."""
+
+    text: str
+
+
+Instruction = Assign | Revoke | Reregister | JobFinished | Log | Notice
+
+# ------------------------------------------------------------------ state
+
+
+@dataclass
+class Task:
+    id: str
+    job: "Job"
+    index: int
+    spec: FileSpec
+    seeded_to: str | None = None
+    owner: str | None = None  # worker whose queue holds it, while queued
+    state: str = "queued"  # queued | running | done | failed | cancelled
+    running_on: set[str] = field(default_factory=set)  # living workers running a copy
+    lost_to: set[str] = field(default_factory=set)  # workers taken out while running it; their result still counts
+    excluded: set[str] = field(default_factory=set)  # workers it failed on
+    attempts: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def cost(self) -> int:
+        return self.spec.residues
+
+    @property
+    def key(self) -> tuple[int, int, int, str]:
+        # Queue order: older job first, then largest file first.
+        return (self.job.seq, -self.cost, self.index, self.id)
+
+
+@dataclass
+class WorkerStats:
+    files: int = 0
+    residues: int = 0
+    busy_seconds: float = 0.0
+    stolen: int = 0
+
+
+@dataclass
+class Worker:
+    id: str
+    name: str
+    host: str
+    gpu: str
+    weight: float
+    stages: tuple[str, ...]
+    last_seen: float
+    alive: bool = True
+    waiting: bool = False  # asked for work and got none yet
+    running: str | None = None
+    running_since: float = 0.0
+    idle_since: float = 0.0
+    queue: SortedList = field(default_factory=SortedList)
+    queued_cost: int = 0
+    speed: float | None = None  # observed residues/s, moving average
+    finish_key: tuple[float, str] | None = None  # its entry in Scheduler._finishers
+    done_files: int = 0
+    steals_in: int = 0
+    steals_out: int = 0
+    gauges: dict[str, float] | None = None
+    per_job: dict[str, WorkerStats] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    id: str
+    seq: int
+    stage: str
+    output_dir: str
+    weighted: bool
+    steal: bool
+    submitted: float
+    tasks: list[Task] = field(default_factory=list)
+    done: int = 0
+    failed: int = 0
+    residues_done: int = 0
+    steals: int = 0
+    finished: float | None = None
+    state: str = "running"  # running | finished | cancelled
+
+    @property
+    def open(self) -> bool:
+        return self.state == "running"
+
+
+class Scheduler:
+    """Queues, seeding, stealing, leases and retries for every job the broker holds."""
+
+    def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3) -> None:
+        if worker_timeout <= 0 or max_attempts < 1:
+            raise ValueError("worker_timeout must be > 0 and max_attempts >= 1")
+        self.worker_timeout = worker_timeout
+        self.max_attempts = max_attempts
+        self.workers: dict[str, Worker] = {}
+        self.jobs: dict[str, Job] = {}
+        self.tasks: dict[str, Task] = {}
+        self.unowned: SortedList = SortedList()  # queued task keys with no capable living worker
+        self.counters: dict[str, int] = {}
+        self._finishers: SortedList = SortedList()  # (predicted finish, worker id) of workers with a queue
+        self._job_seq = itertools.count()
+        self._handlers: dict[type, Callable[[Any], list[Instruction]]] = {
+            WorkerJoined: self._on_joined,
+            WorkRequested: self._on_requested,
+            TaskSucceeded: self._on_succeeded,
+            TaskFailed: self._on_failed,
+            Heartbeat: self._on_heartbeat,
+            WorkerLeft: self._on_left,
+            Tick: self._on_tick,
+            JobSubmitted: self._on_submitted,
+            JobCancelled: self._on_cancelled,
+        }
+
+    def handle(self, event: Event) -> list[Instruction]:
+        """Apply one event; return what the server must do, in order."""
+        return self._handlers[type(event)](event)
+
+    def count(self, reason: str) -> None:
+        """Count a dropped message or a discarded event under `reason`."""
+        self.counters[reason] = self.counters.get(reason, 0) + 1
+
+    # ------------------------------------------------------------ speeds
+
+    def _scale(self) -> float:
+        """Residues/s per unit of weight, from the living workers measured so far (1.0 before any)."""
+        measured = [w for w in self.workers.values() if w.alive and w.speed]
+        if not measured:
+            return 1.0
+        return sum(w.speed for w in measured) / sum(w.weight for w in measured)
+
+    def speed_of(self, worker: Worker, scale: float | None = None) -> float:
+        """Observed speed once measured, else the weight on the measured workers' scale."""
+        if worker.speed:
+            return worker.speed
+        return worker.weight * (self._scale() if scale is None else scale)
+
+    def predicted_finish(self, worker: Worker, now: float, scale: float | None = None) -> float:
+        """When `worker` would finish its running file and then its queue."""
+        speed = self.speed_of(worker, scale)
+        start = now
+        if worker.running is not None:
+            start = max(now, worker.running_since + self.tasks[worker.running].cost / speed)
+        return start + worker.queued_cost / speed
+
+    def _reindex(self, worker: Worker, scale: float | None = None) -> None:
+        """Keep `worker`'s entry in the finish-time index current."""
+        if worker.finish_key is not None:
+            self._finishers.discard(worker.finish_key)
+            worker.finish_key = None
+        if worker.alive and worker.queue:
+            base = worker.running_since if worker.running is not None else worker.idle_since
+            worker.finish_key = (self.predicted_finish(worker, base, scale), worker.id)
+            self._finishers.add(worker.finish_key)
+
+    def _reindex_unmeasured(self) -> None:
+        # A new measurement moves the scale, and with it every unmeasured worker's prediction.
+        scale = self._scale()
+        for worker in self.workers.values():
+            if worker.alive and not worker.speed and worker.queue:
+                self._reindex(worker, scale)
+
+    # ------------------------------------------------------------ queues
+
+    def _enqueue(self, worker: Worker, task: Task) -> None:
+        task.owner = worker.id
+        task.state = "queued"
+        worker.queue.add(task.key)
+        worker.queued_cost += task.cost
+        self._reindex(worker)
+
+    def _dequeue(self, task: Task) -> None:
+        if task.owner is not None:
+            worker = self.workers[task.owner]
+            worker.queue.remove(task.key)
+            worker.queued_cost -= task.cost
+            task.owner = None
+            self._reindex(worker)
+        else:
+            self.unowned.discard(task.key)
+
+    def _capable(self, stage: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.alive and stage in w.stages]
+
+    def _distribute(self, tasks: Iterable[Task], now: float, weights_from: str) -> None:
+        """Pack queued tasks onto capable living workers, on top of what they already hold.
+
+        weights_from: "equal" (all 1.0), "table" (predicted weights) or "speed"
+        (observed speeds, for files handed back mid-job). Tasks no living
+        worker can run wait in the unowned pool for the next capable worker.
+        """
+        by_stage: dict[str, list[Task]] = {}
+        for task in tasks:
+            task.state = "queued"
+            by_stage.setdefault(task.job.stage, []).append(task)
+        for stage, group in by_stage.items():
+            workers = self._capable(stage)
+            if not workers:
+                for task in group:
+                    self.unowned.add(task.key)
+                continue
+            scale = self._scale()
+            if weights_from == "speed":
+                weights = [self.speed_of(w, scale) for w in workers]
+                loads = [(self.predicted_finish(w, now, scale) - now) * s for w, s in zip(workers, weights)]
+            else:
+                weights = [1.0 if weights_from == "equal" else w.weight for w in workers]
+                loads = [float(w.queued_cost) for w in workers]
+            packed = assign_files_weighted(group, len(workers), weights, costs=[t.cost for t in group], loads=loads)
+            for worker, assigned in zip(workers, packed):
+                for task in assigned:
+                    self._enqueue(self._retry_target(task, worker, workers, now, scale), task)
+
+    def _retry_target(self, task: Task, worker: Worker, workers: list[Worker], now: float, scale: float) -> Worker:
+        """`worker`, unless the file already failed there: then the earliest finisher it has not failed on."""
+        if worker.id not in task.excluded:
+            return worker
+        others = [w for w in workers if w.id not in task.excluded]
+        if not others:
+            return worker  # it failed on every living worker; a retry anywhere is the only retry left
+        return min(others, key=lambda w: (self.predicted_finish(w, now, scale) + task.cost / self.speed_of(w, scale), w.id))
+
+    # ------------------------------------------------------------ events
+
+    def _on_joined(self, event: WorkerJoined) -> list[Instruction]:
+        out: list[Instruction] = []
+        worker = self.workers.get(event.worker)
+        if worker is not None and worker.alive:
+            # A live worker registering again reconnected: treat its old session as over.
+            out += self._take_out(worker, event.now, reason=None)
+        taken = {w.name for w in self.workers.values() if w.alive and w.id != event.worker}
+        name = event.name
+        for n in itertools.count(2):
+            if name not in taken:
+                break
+            name = f"{event.name}#{n}"
+        if worker is None:
+            worker = Worker(
+                id=event.worker, name=name, host=event.host, gpu=event.gpu, weight=event.weight,
+                stages=tuple(event.stages), last_seen=event.now, idle_since=event.now,
+            )
+            self.workers[event.worker] = worker
+        else:
+            worker.name, worker.host, worker.gpu, worker.weight = name, event.host, event.gpu, event.weight
+            worker.stages, worker.alive, worker.last_seen = tuple(event.stages), True, event.now
+            worker.waiting, worker.running, worker.idle_since = False, None, event.now
+        out.append(Notice(f"worker {name} joined: {event.gpu} on {event.host}, weight {event.weight:.2f}"))
+        return out + self._dispatch(event.now)
+
+    def _on_requested(self, event: WorkRequested) -> list[Instruction]:
+        worker = self.workers.get(event.worker)
+        if worker is None or not worker.alive:
+            self.count("request from unknown worker")
+            return [Reregister(event.worker)]
+        worker.last_seen = event.now
+        out: list[Instruction] = []
+        if worker.running is not None:
+            # It asks for work, so it is not running what we think it runs.
+            out += self._assignment_lost(worker, event.now)
+        worker.waiting = True
+        return out + self._dispatch(event.now)
+
+    def _on_heartbeat(self, event: Heartbeat) -> list[Instruction]:
+        worker = self.workers.get(event.worker)
+        if worker is None or not worker.alive:
+            self.count("heartbeat from unknown worker")
+            return [Reregister(event.worker)]
+        worker.last_seen = event.now
+        worker.gauges = event.gauges
+        if (
+            worker.running is not None
+            and event.task != worker.running
+            and event.now - worker.running_since > LOST_ASSIGNMENT_GRACE
+        ):
+            return self._assignment_lost(worker, event.now) + self._dispatch(event.now)
+        return []
+
+    def _assignment_lost(self, worker: Worker, now: float) -> list[Instruction]:
+        task = self.tasks[worker.running]
+        task.running_on.discard(worker.id)
+        worker.running = None
+        worker.idle_since = now
+        worker.waiting = True
+        self.count("assignment lost in transit")
+        if task.state == "running" and not task.running_on:
+            self._enqueue(worker, task)
+        return [Notice(f"worker {worker.name} never started {task.spec.path}; queued again")]
+
+    def _finish_copy(self, worker: Worker, task: Task, now: float) -> bool:
+        """Detach a reporting worker from its copy of `task`; False if it had none."""
+        if worker.id in task.running_on:
+            task.running_on.discard(worker.id)
+        elif worker.id in task.lost_to:
+            task.lost_to.discard(worker.id)
+        else:
+            return False
+        if worker.running == task.id:
+            worker.running = None
+            worker.idle_since = now
+            self._reindex(worker)
+        if worker.alive:
+            worker.last_seen = now
+        return True
+
+    def _on_succeeded(self, event: TaskSucceeded) -> list[Instruction]:
+        worker = self.workers.get(event.worker)
+        task = self.tasks.get(event.task)
+        if worker is None or task is None or not self._finish_copy(worker, task, event.now):
+            self.count("result for a task the worker was not running")
+            return []
+        job = task.job
+        late_success = task.state == "failed" and job.open
+        if task.state not in ("queued", "running") and not late_success:
+            self.count("duplicate result discarded")
+            return self._dispatch(event.now)
+        out: list[Instruction] = []
+        if late_success:
+            job.failed -= 1
+        self._dequeue(task)
+        task.state = "done"
+        job.done += 1
+        job.residues_done += task.cost
+        for other in sorted(task.running_on):
+            out.append(Revoke(other, task.id))
+            self._free(self.workers[other], event.now)
+        task.running_on.clear()
+        if not event.skipped:
+            out.append(self._record_done(worker, task, event.seconds, event.now))
+        out += self._maybe_finish(job, event.now)
+        return out + self._dispatch(event.now)
+
+    def _record_done(self, worker: Worker, task: Task, seconds: float, now: float) -> Log:
+        job = task.job
+        stolen = task.seeded_to is not None and task.seeded_to != worker.id
+        stats = worker.per_job.setdefault(job.id, WorkerStats())
+        stats.files += 1
+        stats.residues += task.cost
+        stats.busy_seconds += seconds
+        stats.stolen += int(stolen)
+        worker.done_files += 1
+        if seconds > 0 and task.cost > 0:
+            observed = task.cost / seconds
+            worker.speed = observed if not worker.speed else (
+                SPEED_SMOOTHING * observed + (1 - SPEED_SMOOTHING) * worker.speed
+            )
+            self._reindex_unmeasured()
+            self._reindex(worker)
+        return Log({
+            "event": "task_done", "time": now, "job": job.id, "stage": job.stage,
+            "worker": worker.name, "host": worker.host, "gpu": worker.gpu,
+            "predicted_weight": worker.weight, "file": task.spec.path,
+            "sequences": task.spec.sequences, "residues": task.cost, "seconds": seconds,
+            "residues_per_s": task.cost / seconds if seconds > 0 else None,
+            "stolen": stolen,
+        })
+
+    def _on_failed(self, event: TaskFailed) -> list[Instruction]:
+        worker = self.workers.get(event.worker)
+        task = self.tasks.get(event.task)
+        if worker is None or task is None or not self._finish_copy(worker, task, event.now):
+            self.count("result for a task the worker was not running")
+            return []
+        if task.state != "running":
+            return self._dispatch(event.now)
+        return self._attempt_failed(task, worker, event.reason, event.now) + self._dispatch(event.now)
+
+    def _attempt_failed(self, task: Task, worker: Worker, reason: str, now: float) -> list[Instruction]:
+        task.attempts.append({"worker": worker.name, "reason": reason})
+        task.excluded.add(worker.id)
+        if task.running_on:
+            return []  # another copy is still running
+        if len(task.attempts) >= self.max_attempts:
+            task.state = "failed"
+            task.job.failed += 1
+            out: list[Instruction] = [Notice(f"{task.spec.path} failed after {len(task.attempts)} attempts")]
+            return out + self._maybe_finish(task.job, now)
+        self._distribute([task], now, weights_from="speed")
+        return [Notice(f"{task.spec.path} failed on {worker.name} ({reason}); queued for another worker")]
+
+    def _on_left(self, event: WorkerLeft) -> list[Instruction]:
+        worker = self.workers.get(event.worker)
+        if worker is None or not worker.alive:
+            return []
+        return self._take_out(worker, event.now, reason="worker left while running it") + self._dispatch(event.now)
+
+    def _on_tick(self, event: Tick) -> list[Instruction]:
+        out: list[Instruction] = []
+        for worker in list(self.workers.values()):
+            silent = event.now - worker.last_seen
+            if worker.alive and silent > self.worker_timeout:
+                out.append(Notice(f"worker {worker.name} silent for {silent:.1f} s: declared dead"))
+                out += self._take_out(worker, event.now, reason=f"worker {worker.name} died (silent {silent:.0f} s)")
+        if out:
+            out += self._dispatch(event.now)
+        return out
+
+    def _take_out(self, worker: Worker, now: float, reason: str | None) -> list[Instruction]:
+        """Take a worker out of service and give its files to the living.
+
+        `reason` is recorded as a failed attempt of the file it was running, so
+        a file that kills every worker it touches ends as failed; None (a
+        reconnect) queues that file again without counting an attempt. Either
+        way the worker's late result for it is still accepted.
+        """
+        out: list[Instruction] = []
+        worker.alive = False
+        worker.waiting = False
+        queued = [self.tasks[key[-1]] for key in worker.queue]
+        for task in queued:
+            self._dequeue(task)
+        self._distribute([t for t in queued if t.job.open], now, weights_from="speed")
+        if worker.running is not None:
+            task = self.tasks[worker.running]
+            worker.running = None
+            task.running_on.discard(worker.id)
+            task.lost_to.add(worker.id)
+            if task.state == "running" and task.job.open:
+                if reason is None:
+                    if not task.running_on:
+                        self._distribute([task], now, weights_from="speed")
+                else:
+                    out += self._attempt_failed(task, worker, reason, now)
+        return out
+
+    def _free(self, worker: Worker, now: float) -> None:
+        if worker.running is not None:
+            worker.running = None
+            worker.idle_since = now
+            self._reindex(worker)
+
+    def _on_submitted(self, event: JobSubmitted) -> list[Instruction]:
+        if event.job in self.jobs:
+            self.count("duplicate job id")
+            return []
+        job = Job(
+            id=event.job, seq=next(self._job_seq), stage=event.stage, output_dir=event.output_dir,
+            weighted=event.weighted, steal=event.steal, submitted=event.now,
+        )
+        self.jobs[job.id] = job
+        for index, spec in enumerate(event.files):
+            task = Task(id=f"{job.id}:{index}", job=job, index=index, spec=spec)
+            job.tasks.append(task)
+            self.tasks[task.id] = task
+        self._distribute(job.tasks, event.now, weights_from="table" if job.weighted else "equal")
+        for task in job.tasks:
+            task.seeded_to = task.owner
+        seeded = len({t.owner for t in job.tasks if t.owner is not None})
+        return [Notice(f"job {job.id}: {len(job.tasks)} {job.stage} files seeded on {seeded} workers")] + self._dispatch(event.now)
+
+    def _on_cancelled(self, event: JobCancelled) -> list[Instruction]:
+        job = self.jobs.get(event.job)
+        if job is None or not job.open:
+            return []
+        out: list[Instruction] = []
+        for task in job.tasks:
+            if task.state not in ("queued", "running"):
+                continue
+            self._dequeue(task)
+            for worker_id in sorted(task.running_on):
+                out.append(Revoke(worker_id, task.id))
+                self._free(self.workers[worker_id], event.now)
+            task.running_on.clear()
+            task.state = "cancelled"
+        job.state = "cancelled"
+        job.finished = event.now
+        out.append(JobFinished(job.id, self.report(job)))
+        return out + self._dispatch(event.now)
+
+    # ---------------------------------------------------------- dispatch
+
+    def _dispatch(self, now: float) -> list[Instruction]:
+        """Give work to every waiting worker that can get some."""
+        out: list[Instruction] = []
+        for worker in [w for w in self.workers.values() if w.waiting and w.alive]:
+            task = self._next_for(worker, now)
+            if task is None:
+                continue
+            worker.waiting = False
+            worker.running = task.id
+            worker.running_since = now
+            task.state = "running"
+            task.running_on.add(worker.id)
+            self._reindex(worker)
+            out.append(Assign(worker.id, task.id, task.job.id, task.job.stage, task.spec.path, task.spec.output))
+        return out
+
+    def _next_for(self, worker: Worker, now: float) -> Task | None:
+        if worker.queue:
+            task = self.tasks[worker.queue[0][-1]]
+            self._dequeue(task)
+            return task
+        for key in self.unowned:
+            task = self.tasks[key[-1]]
+            if task.job.stage in worker.stages and worker.id not in task.excluded:
+                self._dequeue(task)
+                return task
+        return self._steal_for(worker, now)
+
+    def _steal_for(self, thief: Worker, now: float) -> Task | None:
+        """The last queued file of a late finisher, if the thief would finish it before its owner."""
+        scale = self._scale()
+        thief_speed = self.speed_of(thief, scale)
+        considered = 0
+        for _, victim_id in reversed(self._finishers):
+            victim = self.workers[victim_id]
+            if victim is thief:
+                continue
+            if considered == VICTIMS_CONSIDERED:
+                break
+            considered += 1
+            victim_speed = self.speed_of(victim, scale)
+            # The owner finishes its queue tail last, each file before it one file-time earlier.
+            owner_finish = self.predicted_finish(victim, now, scale)
+            start = max(0, len(victim.queue) - TAIL_SCAN)
+            for key in victim.queue.islice(start, reverse=True):
+                task = self.tasks[key[-1]]
+                if task.job.steal and task.job.stage in thief.stages and thief.id not in task.excluded:
+                    if now + task.cost / thief_speed >= owner_finish:
+                        break  # files nearer the front are larger and due sooner: no better
+                    self._dequeue(task)
+                    victim.steals_out += 1
+                    thief.steals_in += 1
+                    task.job.steals += 1
+                    return task
+                owner_finish -= task.cost / victim_speed
+        return None
+
+    # ------------------------------------------------------------ reports
+
+    def _maybe_finish(self, job: Job, now: float) -> list[Instruction]:
+        if not job.open or job.done + job.failed < len(job.tasks):
+            return []
+        job.state = "finished"
+        job.finished = now
+        report = self.report(job)
+        out: list[Instruction] = [
+            Log({"event": "worker_summary", "time": now, "job": job.id, "stage": job.stage,
+                 **{k: row[k] for k in SUMMARY_FIELDS}})
+            for row in report["workers"]
+        ]
+        out.append(JobFinished(job.id, report))
+        return out
+
+    def report(self, job: Job) -> dict[str, Any]:
+        """The per-worker figures, makespan, steals and failures of a job."""
+        rows = []
+        for worker in self.workers.values():
+            stats = worker.per_job.get(job.id)
+            if stats is not None and stats.files:
+                speed = stats.residues / stats.busy_seconds if stats.busy_seconds > 0 else 0.0
+                rows.append((worker, stats, speed))
+        sum_predicted = sum(w.weight for w, _, _ in rows)
+        sum_speed = sum(speed for _, _, speed in rows)
+        workers = [
+            {
+                "worker": w.name, "host": w.host, "gpu": w.gpu, "predicted_weight": w.weight,
+                "observed_weight": speed * sum_predicted / sum_speed if sum_speed > 0 else None,
+                "files": s.files, "residues": s.residues, "busy_seconds": s.busy_seconds,
+                "residues_per_s": speed, "stolen_files": s.stolen,
+            }
+            for w, s, speed in rows
+        ]
+        costs = [t.cost for t in job.tasks if t.state == "done"]
+        speeds = [speed for _, _, speed in rows if speed > 0]
+        lower_bound = max(sum(costs) / sum(speeds), max(costs) / max(speeds)) if costs and speeds else None
+        return {
+            "job": job.id, "stage": job.stage, "state": job.state, "weighted": job.weighted, "steal": job.steal,
+            "files": len(job.tasks), "done": job.done, "failed": job.failed, "steals": job.steals,
+            "submitted": job.submitted, "finished": job.finished,
+            "makespan": job.finished - job.submitted if job.finished is not None else None,
+            "lower_bound": lower_bound,
+            "failures": [{"file": t.spec.path, "attempts": list(t.attempts)} for t in job.tasks if t.state == "failed"],
+            "workers": workers,
+        }
+
+    def progress(self, job: Job) -> dict[str, Any]:
+        """Counts a waiting client shows."""
+        return {
+            "files": len(job.tasks), "done": job.done, "failed": job.failed,
+            "running": sum(1 for t in job.tasks if t.state == "running"),
+            "residues": sum(t.cost for t in job.tasks), "residues_done": job.residues_done, "steals": job.steals,
+        }
+
+    def status(self, now: float) -> dict[str, Any]:
+        """A snapshot of workers, jobs and counters for `virnucpro-broker status`."""
+        scale = self._scale()
+        workers = []
+        for w in self.workers.values():
+            running = self.tasks.get(w.running) if w.running else None
+            workers.append({
+                "worker": w.name, "host": w.host, "gpu": w.gpu, "alive": w.alive, "stages": list(w.stages),
+                "predicted_weight": w.weight, "observed_weight": w.speed / scale if w.speed else None,
+                "speed": w.speed, "queue": len(w.queue), "queued_residues": w.queued_cost,
+                "running": running.spec.path if running else None,
+                "running_for": now - w.running_since if running else None,
+                "files_done": w.done_files, "steals_in": w.steals_in, "steals_out": w.steals_out,
+                "silent_for": now - w.last_seen, "gauges": w.gauges,
+            })
+        jobs = [
+            {"job": j.id, "stage": j.stage, "state": j.state, "weighted": j.weighted, "steal": j.steal,
+             "submitted": j.submitted, **self.progress(j)}
+            for j in self.jobs.values()
+        ]
+        return {"workers": workers, "jobs": jobs, "unowned": len(self.unowned), "counters": dict(self.counters)}
+
+
+SUMMARY_FIELDS = (
+    "worker", "gpu", "predicted_weight", "observed_weight", "files", "residues", "busy_seconds", "residues_per_s",
+)

@@ -1,0 +1,258 @@
+"""Server shell: a ROUTER socket, a timer and a log file around the scheduler core.
+
+It decodes and validates each message, turns it into a scheduler event,
+and performs the instructions that come back. Nothing here decides policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from broker import protocol
+from broker.protocol import ProtocolError
+from broker.scheduler import (
+    Assign,
+    FileSpec,
+    Heartbeat,
+    Instruction,
+    JobCancelled,
+    JobFinished,
+    JobSubmitted,
+    Log,
+    Notice,
+    Reregister,
+    Revoke,
+    Scheduler,
+    TaskFailed,
+    TaskSucceeded,
+    Tick,
+    WorkerJoined,
+    WorkerLeft,
+    WorkRequested,
+)
+from virnucpro.pipeline.gpu_weights import WeightTable
+
+logger = logging.getLogger("virnucpro.broker")
+
+
+def default_log_path() -> Path:
+    """Per-user state path of the throughput log ($XDG_STATE_HOME or ~/.local/state)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "virnucpro" / "throughput.jsonl"
+
+
+class ThroughputLog:
+    """The JSON Lines throughput log: appended one record per line, never rewritten."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._handle.flush()
+
+    def sync(self) -> None:
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class BrokerServer:
+    """Runs one Scheduler on a ROUTER socket until stopped."""
+
+    def __init__(
+        self,
+        bind: str,
+        scheduler: Scheduler,
+        weights: WeightTable,
+        log: ThroughputLog,
+        heartbeat_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.scheduler = scheduler
+        self.weights = weights
+        self.log = log
+        self.heartbeat_interval = heartbeat_interval
+        self.clock = clock
+        self.started = clock()
+        self.reports: dict[str, dict[str, Any]] = {}
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Far above the protocol's own limit: such a peer is cut off by ZeroMQ before we allocate.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)
+        self._socket.bind(bind)
+        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def serve(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set; the socket and log are closed on the way out."""
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        next_tick = time.monotonic() + self.heartbeat_interval
+        try:
+            while not stop.is_set():
+                timeout = max(0.0, min(next_tick - time.monotonic(), 0.2))
+                if poller.poll(timeout * 1000):
+                    self._drain()
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.heartbeat_interval
+                    self._perform(self.scheduler.handle(Tick(self.clock())))
+        finally:
+            self._socket.close(0)
+            self._context.term()
+            self.log.close()
+
+    def _drain(self) -> None:
+        for _ in range(1000):  # bounded, so the timer still runs under a flood
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self._receive(frames)
+
+    def _receive(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.scheduler.count("malformed frames")
+            return
+        identity, payload = frames
+        try:
+            message = protocol.decode(payload)
+        except ProtocolError as exc:
+            self.scheduler.count("invalid message")
+            logger.debug("dropped message from %s: %s", identity.hex(), exc)
+            return
+        handler = self._handlers.get(message["type"])
+        if handler is None:
+            self.scheduler.count("unexpected message type")
+            return
+        handler(self, identity, message)
+
+    # --------------------------------------------------------- handlers
+
+    def _register(self, identity: bytes, m: dict[str, Any]) -> None:
+        worker = identity.hex()
+        weight = self.weights.lookup(m["gpu"])
+        instructions = self.scheduler.handle(
+            WorkerJoined(worker, m["name"], m["host"], m["gpu"], weight, tuple(m["stages"]), self.clock())
+        )
+        name = self.scheduler.workers[worker].name
+        self._send(identity, "registered", worker=worker, name=name, weight=weight,
+                   heartbeat_interval=self.heartbeat_interval)
+        self._perform(instructions)
+
+    def _request(self, identity: bytes, m: dict[str, Any]) -> None:
+        self._perform(self.scheduler.handle(WorkRequested(identity.hex(), self.clock())))
+
+    def _heartbeat(self, identity: bytes, m: dict[str, Any]) -> None:
+        instructions = self.scheduler.handle(Heartbeat(identity.hex(), m["task"], self.clock(), m.get("gauges")))
+        if not any(isinstance(i, Reregister) for i in instructions):
+            self._send(identity, "ack")
+        self._perform(instructions)
+
+    def _done(self, identity: bytes, m: dict[str, Any]) -> None:
+        self._perform(self.scheduler.handle(
+            TaskSucceeded(identity.hex(), m["task"], float(m["seconds"]), m["skipped"], self.clock())
+        ))
+
+    def _failed(self, identity: bytes, m: dict[str, Any]) -> None:
+        self._perform(self.scheduler.handle(TaskFailed(identity.hex(), m["task"], m["reason"], self.clock())))
+
+    def _bye(self, identity: bytes, m: dict[str, Any]) -> None:
+        self._perform(self.scheduler.handle(WorkerLeft(identity.hex(), self.clock())))
+
+    def _submit(self, identity: bytes, m: dict[str, Any]) -> None:
+        problem = check_paths(m["output_dir"], m["files"])
+        if problem:
+            self.scheduler.count("rejected job")
+            self._send(identity, "error", reason=problem)
+            return
+        job = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        files = tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"]) for f in m["files"])
+        instructions = self.scheduler.handle(
+            JobSubmitted(job, m["stage"], m["output_dir"], files, m["weighted"], m["steal"], self.clock())
+        )
+        self._send(identity, "submitted", job=job)
+        self._perform(instructions)
+
+    def _job(self, identity: bytes, m: dict[str, Any]) -> None:
+        self._send_job_state(identity, m["job"])
+
+    def _cancel(self, identity: bytes, m: dict[str, Any]) -> None:
+        self._perform(self.scheduler.handle(JobCancelled(m["job"], self.clock())))
+        self._send_job_state(identity, m["job"])
+
+    def _status(self, identity: bytes, m: dict[str, Any]) -> None:
+        now = self.clock()
+        status = self.scheduler.status(now)
+        status["broker"] = {"address": self.address, "log": str(self.log.path), "uptime": now - self.started}
+        self._send(identity, "status_report", status=status)
+
+    _handlers: dict[str, Callable[["BrokerServer", bytes, dict[str, Any]], None]] = {
+        "register": _register, "request": _request, "heartbeat": _heartbeat, "done": _done,
+        "failed": _failed, "bye": _bye, "submit": _submit, "job": _job, "cancel": _cancel, "status": _status,
+    }
+
+    # ----------------------------------------------------------- output
+
+    def _send_job_state(self, identity: bytes, job_id: str) -> None:
+        job = self.scheduler.jobs.get(job_id)
+        if job is None:
+            self._send(identity, "error", reason=f"unknown job {job_id!r} (the broker may have restarted)")
+            return
+        self._send(identity, "job_state", job=job_id, state=job.state,
+                   progress=self.scheduler.progress(job), report=self.reports.get(job_id))
+
+    def _send(self, identity: bytes, kind: str, **fields: Any) -> None:
+        self._socket.send_multipart([identity, protocol.encode(kind, **fields)])
+
+    def _perform(self, instructions: list[Instruction]) -> None:
+        for instruction in instructions:
+            if isinstance(instruction, Assign):
+                self._send(bytes.fromhex(instruction.worker), "assign", task=instruction.task, job=instruction.job,
+                           stage=instruction.stage, path=instruction.path, output=instruction.output)
+            elif isinstance(instruction, Revoke):
+                self._send(bytes.fromhex(instruction.worker), "revoke", task=instruction.task)
+            elif isinstance(instruction, Reregister):
+                self._send(bytes.fromhex(instruction.worker), "reregister")
+            elif isinstance(instruction, Log):
+                self.log.append(instruction.record)
+            elif isinstance(instruction, JobFinished):
+                self.reports[instruction.job] = instruction.report
+                self.log.sync()
+                report = instruction.report
+                logger.info("job %s %s: %d done, %d failed, %d steals, makespan %.1f s",
+                            report["job"], report["state"], report["done"], report["failed"], report["steals"],
+                            report["makespan"] or 0.0)
+            elif isinstance(instruction, Notice):
+                logger.info("%s", instruction.text)
+
+
+def check_paths(output_dir: str, files: list[dict[str, Any]]) -> str | None:
+    """Why a submitted job's paths are unacceptable, or None.
+
+    Paths must be absolute (workers run elsewhere) and every output must lie
+    inside the job's output directory.
+    """
+    if not os.path.isabs(output_dir):
+        return f"output directory {output_dir!r} is not an absolute path"
+    root = os.path.normpath(output_dir)
+    for spec in files:
+        if not os.path.isabs(spec["path"]):
+            return f"input {spec['path']!r} is not an absolute path"
+        output = os.path.normpath(spec["output"])
+        if not os.path.isabs(output) or os.path.commonpath([root, output]) != root or output == root:
+            return f"output {spec['output']!r} is outside the job's output directory {output_dir!r}"
+    return None

@@ -1,0 +1,66 @@
+"""Rich tables for a broker status snapshot (workers, jobs, counters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _weight(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f} s"
+
+
+def _gauges(gauges: dict[str, float] | None) -> tuple[str, str]:
+    if not gauges:
+        return "n/a", "n/a"
+    util = gauges.get("gpu_util")
+    used, total = gauges.get("mem_used_mib"), gauges.get("mem_total_mib")
+    return (
+        "n/a" if util is None else f"{util:.0f}%",
+        "n/a" if used is None or total is None else f"{used / 1024:.1f}/{total / 1024:.0f} GiB",
+    )
+
+
+def status_tables(snapshot: dict[str, Any]) -> list[Table]:
+    """The workers table, the jobs table and a counters line, ready to print."""
+    workers = Table(title="workers", title_justify="left")
+    for column in ("worker", "gpu", "weight", "observed", "queue", "running", "for", "done",
+                   "steals in/out", "gpu util", "gpu mem", "state"):
+        workers.add_column(column, justify="right" if column not in ("worker", "gpu", "running", "state") else "left")
+    for w in snapshot["workers"]:
+        util, memory = _gauges(w.get("gauges"))
+        workers.add_row(
+            w["worker"], w["gpu"], _weight(w["predicted_weight"]), _weight(w["observed_weight"]),
+            str(w["queue"]), (w["running"] or "").rsplit("/", 1)[-1], _seconds(w["running_for"]),
+            str(w["files_done"]), f"{w['steals_in']}/{w['steals_out']}", util, memory,
+            "alive" if w["alive"] else "dead",
+        )
+    jobs = Table(title="jobs", title_justify="left")
+    for column in ("job", "stage", "state", "done", "failed", "running", "files", "steals", "policy"):
+        jobs.add_column(column)
+    for j in snapshot["jobs"]:
+        policy = ",".join(p for p, on in (("weighted", j["weighted"]), ("steal", j["steal"])) if on) or "static"
+        jobs.add_row(j["job"], j["stage"], j["state"], str(j["done"]), str(j["failed"]), str(j["running"]),
+                     str(j["files"]), str(j["steals"]), policy)
+    counters = Table(title="dropped or discarded messages", title_justify="left")
+    counters.add_column("reason")
+    counters.add_column("count", justify="right")
+    for reason, count in sorted(snapshot["counters"].items()):
+        counters.add_row(reason, str(count))
+    return [workers, jobs, counters]
+
+
+def render_status(snapshot: dict[str, Any], console: Console | None = None) -> None:
+    """Print a status snapshot as tables."""
+    console = console or Console()
+    broker = snapshot.get("broker", {})
+    if broker:
+        console.print(f"broker {broker['address']}, up {broker['uptime']:.0f} s, log {broker['log']}")
+    for table in status_tables(snapshot):
+        console.print(table)
