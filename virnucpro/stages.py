@@ -75,15 +75,20 @@ def publish(temporary: Path, final: Path) -> bool:
     The data is flushed to disk before the name appears, and the name is
     created with a hard link, which fails rather than replace an existing
     file: an output is written exactly once even when two workers finish
-    the same file. Returns False (and removes `temporary`) if the output
-    already existed.
+    the same file. Returns False (and removes `temporary`) if a complete
+    output already existed.
     """
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     try:
         os.link(temporary, final)
     except FileExistsError:
-        published = False
+        if is_complete(final):
+            published = False
+        else:
+            # A damaged leftover (truncated by hand, a disk error) is not an output: replace it.
+            os.replace(temporary, final)
+            published = True
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
             raise
