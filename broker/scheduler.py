@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from sortedcontainers import SortedList
 
@@ -219,7 +219,6 @@ class Worker:
     stages: tuple[str, ...]
     last_seen: float
     alive: bool = True
-    waiting: bool = False  # asked for work and got none yet
     running: str | None = None
     running_since: float = 0.0
     idle_since: float = 0.0
@@ -270,6 +269,11 @@ class Scheduler:
         self.unowned: SortedList = SortedList()  # queued task keys with no capable living worker
         self.counters: dict[str, int] = {}
         self._finishers: SortedList = SortedList()  # (predicted finish, worker id) of workers with a queue
+        self._waiting: dict[str, Worker] = {}  # living workers that asked for work and got none yet
+        self._unmeasured: dict[str, Worker] = {}  # living workers with no observed speed yet
+        # Sums over living measured workers, kept as they change so the scale costs nothing to read.
+        self._measured_speed = 0.0
+        self._measured_weight = 0.0
         self._job_seq = itertools.count()
         self._handlers: dict[type, Callable[[Any], list[Instruction]]] = {
             WorkerJoined: self._on_joined,
@@ -295,10 +299,32 @@ class Scheduler:
 
     def _scale(self) -> float:
         """Residues/s per unit of weight, from the living workers measured so far (1.0 before any)."""
-        measured = [w for w in self.workers.values() if w.alive and w.speed]
-        if not measured:
-            return 1.0
-        return sum(w.speed for w in measured) / sum(w.weight for w in measured)
+        return self._measured_speed / self._measured_weight if self._measured_weight > 0 else 1.0
+
+    def _set_alive(self, worker: Worker, alive: bool) -> None:
+        if worker.alive == alive:
+            return
+        worker.alive = alive
+        sign = 1 if alive else -1
+        if worker.speed:
+            self._measured_speed += sign * worker.speed
+            self._measured_weight += sign * worker.weight
+        elif alive:
+            self._unmeasured[worker.id] = worker
+        else:
+            self._unmeasured.pop(worker.id, None)
+        if not alive:
+            self._waiting.pop(worker.id, None)
+
+    def _set_speed(self, worker: Worker, speed: float) -> None:
+        if worker.alive:
+            if worker.speed:
+                self._measured_speed -= worker.speed
+            else:
+                self._measured_weight += worker.weight
+                self._unmeasured.pop(worker.id, None)
+            self._measured_speed += speed
+        worker.speed = speed
 
     def speed_of(self, worker: Worker, scale: float | None = None) -> float:
         """Observed speed once measured, else the weight on the measured workers' scale."""
@@ -327,8 +353,8 @@ class Scheduler:
     def _reindex_unmeasured(self) -> None:
         # A new measurement moves the scale, and with it every unmeasured worker's prediction.
         scale = self._scale()
-        for worker in self.workers.values():
-            if worker.alive and not worker.speed and worker.queue:
+        for worker in self._unmeasured.values():
+            if worker.queue:
                 self._reindex(worker, scale)
 
     # ------------------------------------------------------------ queues
@@ -408,13 +434,14 @@ class Scheduler:
         if worker is None:
             worker = Worker(
                 id=event.worker, name=name, host=event.host, gpu=event.gpu, weight=event.weight,
-                stages=tuple(event.stages), last_seen=event.now, idle_since=event.now,
+                stages=tuple(event.stages), last_seen=event.now, idle_since=event.now, alive=False,
             )
             self.workers[event.worker] = worker
         else:
             worker.name, worker.host, worker.gpu, worker.weight = name, event.host, event.gpu, event.weight
-            worker.stages, worker.alive, worker.last_seen = tuple(event.stages), True, event.now
-            worker.waiting, worker.running, worker.idle_since = False, None, event.now
+            worker.stages, worker.last_seen = tuple(event.stages), event.now
+            worker.running, worker.idle_since = None, event.now
+        self._set_alive(worker, True)
         out.append(Notice(f"worker {name} joined: {event.gpu} on {event.host}, weight {event.weight:.2f}"))
         return out + self._dispatch(event.now)
 
@@ -428,7 +455,7 @@ class Scheduler:
         if worker.running is not None:
             # It asks for work, so it is not running what we think it runs.
             out += self._assignment_lost(worker, event.now)
-        worker.waiting = True
+        self._waiting[worker.id] = worker
         return out + self._dispatch(event.now)
 
     def _on_heartbeat(self, event: Heartbeat) -> list[Instruction]:
@@ -451,7 +478,7 @@ class Scheduler:
         task.running_on.discard(worker.id)
         worker.running = None
         worker.idle_since = now
-        worker.waiting = True
+        self._waiting[worker.id] = worker
         self.count("assignment lost in transit")
         if task.state == "running" and not task.running_on:
             self._enqueue(worker, task)
@@ -511,9 +538,9 @@ class Scheduler:
         worker.done_files += 1
         if seconds > 0 and task.cost > 0:
             observed = task.cost / seconds
-            worker.speed = observed if not worker.speed else (
+            self._set_speed(worker, observed if not worker.speed else (
                 SPEED_SMOOTHING * observed + (1 - SPEED_SMOOTHING) * worker.speed
-            )
+            ))
             self._reindex_unmeasured()
             self._reindex(worker)
         return Log({
@@ -574,8 +601,7 @@ class Scheduler:
         way the worker's late result for it is still accepted.
         """
         out: list[Instruction] = []
-        worker.alive = False
-        worker.waiting = False
+        self._set_alive(worker, False)
         queued = [self.tasks[key[-1]] for key in worker.queue]
         for task in queued:
             self._dequeue(task)
@@ -642,11 +668,11 @@ class Scheduler:
     def _dispatch(self, now: float) -> list[Instruction]:
         """Give work to every waiting worker that can get some."""
         out: list[Instruction] = []
-        for worker in [w for w in self.workers.values() if w.waiting and w.alive]:
+        for worker in list(self._waiting.values()):
             task = self._next_for(worker, now)
             if task is None:
                 continue
-            worker.waiting = False
+            del self._waiting[worker.id]
             worker.running = task.id
             worker.running_since = now
             task.state = "running"
@@ -733,7 +759,7 @@ class Scheduler:
         ]
         costs = [t.cost for t in job.tasks if t.state == "done"]
         speeds = [speed for _, _, speed in rows if speed > 0]
-        lower_bound = max(sum(costs) / sum(speeds), max(costs) / max(speeds)) if costs and speeds else None
+        lower_bound = makespan_lower_bound(costs, speeds) if costs and speeds else None
         return {
             "job": job.id, "stage": job.stage, "state": job.state, "weighted": job.weighted, "steal": job.steal,
             "files": len(job.tasks), "done": job.done, "failed": job.failed, "steals": job.steals,
@@ -778,3 +804,22 @@ class Scheduler:
 SUMMARY_FIELDS = (
     "worker", "gpu", "predicted_weight", "observed_weight", "files", "residues", "busy_seconds", "residues_per_s",
 )
+
+
+def makespan_lower_bound(costs: Sequence[float], speeds: Sequence[float]) -> float:
+    """The shortest possible makespan of files with these costs on workers of these speeds.
+
+    Even with files split at will, the k largest files need the k fastest
+    workers for at least (their cost) / (those speeds), and everything needs
+    total / (all speeds). The maximum over k includes DESIGN.md's
+    max(total / sum of speeds, largest / fastest) and is at least as tight.
+    """
+    largest = sorted(costs, reverse=True)
+    fastest = sorted(speeds, reverse=True)
+    bound = sum(largest) / sum(fastest)
+    cost_sum = speed_sum = 0.0
+    for cost, speed in zip(largest, fastest[:-1]):
+        cost_sum += cost
+        speed_sum += speed
+        bound = max(bound, cost_sum / speed_sum)
+    return bound
