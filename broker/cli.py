@@ -7,15 +7,17 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
+from rich.live import Live
 
 from broker import protocol
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable, broker_address
 from broker.scheduler import Scheduler
 from broker.server import BrokerServer, ThroughputLog, default_log_path
-from broker.status import render_status
+from broker.status import render_status, status_view
 from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
 
 
@@ -76,14 +78,24 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               help="Seconds to wait for the broker's answer.")
-def status(address: str | None, as_json: bool, timeout: float) -> None:
+@click.option("--watch", is_flag=True, help="Keep the tables on screen, refreshed, until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.5, show_default=True,
+              help="Seconds between refreshes with --watch.")
+def status(address: str | None, as_json: bool, timeout: float, watch: bool, interval: float) -> None:
     """Show the workers, queues, jobs and counters of a running broker."""
     address = broker_address(address)
     try:
         with BrokerClient(address, timeout=timeout) as client:
             snapshot = client.request("status")["status"]
+            if watch:
+                with Live(status_view(snapshot), refresh_per_second=4, screen=False) as live:
+                    while True:
+                        time.sleep(interval)
+                        live.update(status_view(client.request("status")["status"]))
     except (BrokerUnreachable, BrokerError) as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        return
     if as_json:
         click.echo(json.dumps(snapshot, indent=2, sort_keys=True))
     else:

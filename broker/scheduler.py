@@ -778,6 +778,14 @@ class Scheduler:
             "residues": sum(t.cost for t in job.tasks), "residues_done": job.residues_done, "steals": job.steals,
         }
 
+    def _eta(self, job: Job, scale: float) -> float | None:
+        """Seconds until the job's remaining residues are done at the capable workers' combined speed."""
+        if not job.open:
+            return None
+        speed = sum(self.speed_of(w, scale) for w in self._capable(job.stage))
+        remaining = sum(t.cost for t in job.tasks if t.state in ("queued", "running"))
+        return remaining / speed if speed > 0 and self._measured_weight > 0 else None
+
     def status(self, now: float) -> dict[str, Any]:
         """A snapshot of workers, jobs and counters for `virnucpro-broker status`."""
         scale = self._scale()
@@ -795,7 +803,7 @@ class Scheduler:
             })
         jobs = [
             {"job": j.id, "stage": j.stage, "state": j.state, "weighted": j.weighted, "steal": j.steal,
-             "submitted": j.submitted, **self.progress(j)}
+             "submitted": j.submitted, "eta_seconds": self._eta(j, scale), **self.progress(j)}
             for j in self.jobs.values()
         ]
         return {"workers": workers, "jobs": jobs, "unowned": len(self.unowned), "counters": dict(self.counters)}

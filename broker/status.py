@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 
@@ -42,12 +42,12 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
             "alive" if w["alive"] else "dead",
         )
     jobs = Table(title="jobs", title_justify="left")
-    for column in ("job", "stage", "state", "done", "failed", "running", "files", "steals", "policy"):
+    for column in ("job", "stage", "state", "done", "failed", "running", "files", "steals", "policy", "finish in"):
         jobs.add_column(column)
     for j in snapshot["jobs"]:
         policy = ",".join(p for p, on in (("weighted", j["weighted"]), ("steal", j["steal"])) if on) or "static"
         jobs.add_row(j["job"], j["stage"], j["state"], str(j["done"]), str(j["failed"]), str(j["running"]),
-                     str(j["files"]), str(j["steals"]), policy)
+                     str(j["files"]), str(j["steals"]), policy, _seconds(j.get("eta_seconds")))
     counters = Table(title="dropped or discarded messages", title_justify="left")
     counters.add_column("reason")
     counters.add_column("count", justify="right")
@@ -56,11 +56,13 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
     return [workers, jobs, counters]
 
 
-def render_status(snapshot: dict[str, Any], console: Console | None = None) -> None:
-    """Print a status snapshot as tables."""
-    console = console or Console()
+def status_view(snapshot: dict[str, Any]) -> Group:
+    """The whole status screen: a header line and the tables."""
     broker = snapshot.get("broker", {})
-    if broker:
-        console.print(f"broker {broker['address']}, up {broker['uptime']:.0f} s, log {broker['log']}")
-    for table in status_tables(snapshot):
-        console.print(table)
+    header = f"broker {broker['address']}, up {broker['uptime']:.0f} s, log {broker['log']}" if broker else ""
+    return Group(header, *status_tables(snapshot))
+
+
+def render_status(snapshot: dict[str, Any], console: Console | None = None) -> None:
+    """Print a status snapshot once."""
+    (console or Console()).print(status_view(snapshot))
