@@ -484,21 +484,27 @@ class Scheduler:
             self._enqueue(worker, task)
         return [Notice(f"worker {worker.name} never started {task.spec.path}; queued again")]
 
-    def _finish_copy(self, worker: Worker, task: Task, now: float) -> bool:
-        """Detach a reporting worker from its copy of `task`; False if it had none."""
+    def _finish_copy(self, worker: Worker, task: Task, now: float) -> str | None:
+        """Detach a reporting worker from its copy of `task`.
+
+        Returns "running" for a copy it was running, "lost" for one it ran
+        when it was taken out of service, None if it had none.
+        """
         if worker.id in task.running_on:
             task.running_on.discard(worker.id)
+            copy = "running"
         elif worker.id in task.lost_to:
             task.lost_to.discard(worker.id)
+            copy = "lost"
         else:
-            return False
+            return None
         if worker.running == task.id:
             worker.running = None
             worker.idle_since = now
             self._reindex(worker)
         if worker.alive:
             worker.last_seen = now
-        return True
+        return copy
 
     def _on_succeeded(self, event: TaskSucceeded) -> list[Instruction]:
         worker = self.workers.get(event.worker)
@@ -555,10 +561,12 @@ class Scheduler:
     def _on_failed(self, event: TaskFailed) -> list[Instruction]:
         worker = self.workers.get(event.worker)
         task = self.tasks.get(event.task)
-        if worker is None or task is None or not self._finish_copy(worker, task, event.now):
+        copy = None if worker is None or task is None else self._finish_copy(worker, task, event.now)
+        if copy is None:
             self.count("result for a task the worker was not running")
             return []
-        if task.state != "running":
+        if task.state != "running" or copy == "lost":
+            # A lost copy's failure was settled when its worker was taken out.
             return self._dispatch(event.now)
         return self._attempt_failed(task, worker, event.reason, event.now) + self._dispatch(event.now)
 
@@ -688,10 +696,16 @@ class Scheduler:
             return task
         for key in self.unowned:
             task = self.tasks[key[-1]]
-            if task.job.stage in worker.stages and worker.id not in task.excluded:
+            if task.job.stage in worker.stages and self._may_retry_on(task, worker):
                 self._dequeue(task)
                 return task
         return self._steal_for(worker, now)
+
+    def _may_retry_on(self, task: Task, worker: Worker) -> bool:
+        """A file goes back to a worker it failed on only when it failed on every capable living worker."""
+        if worker.id not in task.excluded:
+            return True
+        return all(w.id in task.excluded for w in self._capable(task.job.stage))
 
     def _steal_for(self, thief: Worker, now: float) -> Task | None:
         """The last queued file of a late finisher, if the thief would finish it before its owner."""
