@@ -16,6 +16,7 @@ from rich.live import Live
 from broker import protocol
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable, broker_address
 from broker.scheduler import Scheduler
+from broker.security import SecurityError, create_keys
 from broker.server import BrokerServer, ThroughputLog, default_log_path
 from broker.status import render_status, status_view
 from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
@@ -34,10 +35,15 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
               help="Seconds of silence after which a worker is dead and its files go to others.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
               help="Attempts before a file is reported failed.")
+@click.option("--curve-secret", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The broker's secret certificate (NAME.key_secret): encrypt all traffic with CURVE.")
+@click.option("--allowed-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of the public certificates (*.key) of workers and clients allowed in.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every dropped message.")
 @click.pass_context
 def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_weights: Path | None,
-        heartbeat_interval: float, worker_timeout: float, max_attempts: int, verbose: bool) -> None:
+        heartbeat_interval: float, worker_timeout: float, max_attempts: int, curve_secret: Path | None,
+        allowed_keys: Path | None, verbose: bool) -> None:
     """Run the virnucpro broker: it seeds GPU workers' queues by weight and lets idle ones steal.
 
     Workers (`virnucpro worker --broker ADDR`) and clients (`virnucpro embed`,
@@ -45,6 +51,8 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
     """
     if ctx.invoked_subcommand is not None:
         return
+    if (curve_secret is None) != (allowed_keys is None):
+        raise click.UsageError("--curve-secret and --allowed-keys go together")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -57,12 +65,19 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
     except OSError as exc:
         raise click.ClickException(f"{log_path}: cannot open the throughput log ({exc.strerror})") from None
     address = broker_address(bind)
+    curve = (curve_secret, allowed_keys) if curve_secret and allowed_keys else None
     try:
         server = BrokerServer(address, Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts),
-                              weights, log, heartbeat_interval=heartbeat_interval)
+                              weights, log, heartbeat_interval=heartbeat_interval, curve=curve)
+    except SecurityError as exc:
+        log.close()
+        raise click.ClickException(str(exc)) from None
     except Exception as exc:  # zmq raises ZMQError for a bad or busy address
         log.close()
         raise click.ClickException(f"cannot listen on {address}: {exc}") from None
+    if curve is None and not is_loopback(address):
+        click.echo(f"warning: {address} is reachable from other machines and traffic is not encrypted; "
+                   "use --curve-secret and --allowed-keys (see `virnucpro-broker keys --help`)", err=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -70,6 +85,21 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
     click.echo(f"throughput log: {log_path}", err=True)
     server.serve(stop)
     click.echo("virnucpro-broker stopped", err=True)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+def keys(directory: Path, name: str) -> None:
+    """Make a CURVE key pair DIRECTORY/NAME.key (public) and NAME.key_secret (keep private).
+
+    Make one for the broker and one per worker or client machine. The broker
+    gets --curve-secret broker.key_secret and --allowed-keys DIR holding every
+    machine's NAME.key; each worker and client sets
+    VIRNUCPRO_CURVE_SECRET=NAME.key_secret and VIRNUCPRO_CURVE_SERVER_KEY=broker.key.
+    """
+    public, secret = create_keys(directory, name)
+    click.echo(f"public key (share): {public}\nsecret key (keep):  {secret}")
 
 
 @cli.command()
@@ -92,7 +122,7 @@ def status(address: str | None, as_json: bool, timeout: float, watch: bool, inte
                     while True:
                         time.sleep(interval)
                         live.update(status_view(client.request("status")["status"]))
-    except (BrokerUnreachable, BrokerError) as exc:
+    except (BrokerUnreachable, BrokerError, SecurityError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         return
@@ -100,6 +130,14 @@ def status(address: str | None, as_json: bool, timeout: float, watch: bool, inte
         click.echo(json.dumps(snapshot, indent=2, sort_keys=True))
     else:
         render_status(snapshot)
+
+
+def is_loopback(address: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// addresses on 127.0.0.0/8, ::1 or localhost."""
+    if not address.startswith("tcp://"):
+        return True
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import zmq
 
 from broker import protocol
 from broker.protocol import ProtocolError
+from broker.security import secure_client
 
 
 class BrokerUnreachable(RuntimeError):
@@ -38,6 +39,7 @@ class BrokerClient:
         if self._socket is None:
             self._socket = self._context.socket(zmq.DEALER)
             self._socket.setsockopt(zmq.LINGER, 0)
+            secure_client(self._socket)
             self._socket.connect(self.address)
         return self._socket
 

@@ -19,6 +19,7 @@ import zmq
 
 from broker import protocol
 from broker.protocol import ProtocolError
+from broker.security import secure_server
 from broker.scheduler import (
     Assign,
     FileSpec,
@@ -80,6 +81,7 @@ class BrokerServer:
         log: ThroughputLog,
         heartbeat_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
+        curve: tuple[Path, Path] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.weights = weights
@@ -94,6 +96,8 @@ class BrokerServer:
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # Far above the protocol's own limit: such a peer is cut off by ZeroMQ before we allocate.
         self._socket.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)
+        # (secret certificate, directory of allowed public keys): encrypt and admit only those keys.
+        self._authenticator = secure_server(self._context, self._socket, *curve) if curve else None
         self._socket.bind(bind)
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -112,6 +116,8 @@ class BrokerServer:
                     self._perform(self.scheduler.handle(Tick(self.clock())))
         finally:
             self._socket.close(0)
+            if self._authenticator is not None:
+                self._authenticator.stop()
             self._context.term()
             self.log.close()
 

@@ -6,7 +6,7 @@ twice on one broker: `--weighted` alone (the static split) and
 `--weighted --steal`. Each makespan is divided by the lower bound
 max(total / sum of speeds, largest file / fastest speed).
 
-    python tools/bench_correction.py [--unit 600] [--json results.json]
+    python tools/bench_correction.py [--unit 600] [--json results.json] [--throughput-log LOG]
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ def write_inputs(directory: Path, unit: int, count: int = 60, seed: int = 11) ->
     return paths
 
 
-def run(unit: int) -> dict[str, dict[str, float]]:
+def run(unit: int, log: Path | None = None) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-correction-") as scratch:
         root = Path(scratch)
         files = write_inputs(root / "inputs", unit)
         with LocalCluster(root / "logs") as cluster:
-            cluster.start_broker("--throughput-log", str(root / "throughput.jsonl"))
+            cluster.start_broker("--throughput-log", str(log or root / "throughput.jsonl"))
             for n, speed in enumerate(SPEEDS):
                 cluster.start_worker(f"w{n}-{speed:.0f}", "--synthetic-speed", str(speed), "--gpu-name", GPU)
             cluster.wait_for_workers(len(SPEEDS), "synthetic", timeout=30)
@@ -76,9 +76,11 @@ def run(unit: int) -> dict[str, dict[str, float]]:
 @click.option("--unit", default=600, show_default=True, help="Residues of the smallest file.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures here.")
-def main(unit: int, json_path: Path | None) -> None:
+@click.option("--throughput-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Keep the broker's throughput log here (for tools/plot_timeline.py).")
+def main(unit: int, json_path: Path | None, throughput_log: Path | None) -> None:
     """Run the wrong-weight correction benchmark and print makespan / lower bound per policy."""
-    results = run(unit)
+    results = run(unit, throughput_log.resolve() if throughput_log else None)
     out = io.StringIO()
     for label, figures in results.items():
         out.write(f"{label:16s} makespan {figures['makespan_s']:6.2f} s  lower bound {figures['lower_bound_s']:6.2f} s  "

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
+from broker.security import SecurityError
 from virnucpro.fasta import FastaError, fasta_stats
 from virnucpro.stages import is_complete, output_path
 
@@ -201,7 +202,7 @@ def embed(
             with BrokerClient(address) as client:
                 wait_for_workers(client, stage, min_workers, timeout, console)
                 report = run_job(client, plan, weighted=weighted, steal=steal, console=console)
-        except (BrokerUnreachable, BrokerError, EmbedError) as exc:
+        except (BrokerUnreachable, BrokerError, EmbedError, SecurityError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             return EXIT_ERROR
         except KeyboardInterrupt:

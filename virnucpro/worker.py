@@ -23,6 +23,7 @@ import zmq
 
 from broker import protocol
 from broker.protocol import ProtocolError
+from broker.security import secure_client
 from virnucpro.stages import Cancelled, is_complete, publish
 
 logger = logging.getLogger("virnucpro.worker")
@@ -114,6 +115,7 @@ class Worker:
         self._socket.setsockopt(zmq.LINGER, 0)
         # Queue nothing for a broker that is not there: stale heartbeats must not reach a new one.
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        secure_client(self._socket)
         self._socket.connect(self.config.broker)
         self._registered = False
         self._last_heard = time.monotonic()
