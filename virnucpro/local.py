@@ -23,7 +23,7 @@ def free_loopback_address() -> str:
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
-def _command(name: str) -> list[str]:
+def command(name: str) -> list[str]:
     # The console script beside this interpreter, so a venv's child runs the same install.
     script = Path(sys.executable).parent / name
     if script.exists():
@@ -48,11 +48,11 @@ class LocalCluster:
                                     env={**os.environ, **(env or {})}, start_new_session=True)
 
     def start_broker(self, *options: str) -> subprocess.Popen:
-        self.broker = self._spawn([*_command("virnucpro-broker"), "--bind", self.address, *options], "broker.log")
+        self.broker = self._spawn([*command("virnucpro-broker"), "--bind", self.address, *options], "broker.log")
         return self.broker
 
     def start_worker(self, name: str, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        process = self._spawn([*_command("virnucpro"), "worker", "--broker", self.address, "--name", name, *options],
+        process = self._spawn([*command("virnucpro"), "worker", "--broker", self.address, "--name", name, *options],
                               f"worker-{name}.log", env)
         self.workers[name] = process
         return process
