@@ -17,6 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[models,plot,test]"
 	touch $@
 
+# Example reads from a fixed seed, predicted with the tiny models by two CPU workers
+# through a broker started for the run; the previous demo's output is replaced.
+demo: install
+	$(PY) tools/make_example_reads.py $(DEMO_DIR)/example_reads.fa
+	rm -rf $(DEMO_DIR)/predictions
+	$(VENV)/bin/virnucpro predict $(DEMO_DIR)/example_reads.fa -o $(DEMO_DIR)/predictions \
+		--models tiny --weighted --steal --workers 2
+
 test: install
 	$(PY) -m pytest -q
 
@@ -25,3 +33,11 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info .pytest_cache
+
+# The README's benchmark figures (about 2 minutes on 2 cores).
+bench: install
+	mkdir -p bench-results
+	$(PY) tools/bench_correction.py --json bench-results/correction.json --throughput-log bench-results/correction.jsonl
+	$(PY) tools/plot_timeline.py bench-results/correction.jsonl -o bench-results/timeline.png
+	$(PY) tools/bench_overhead.py --json bench-results/overhead.json
+	$(PY) tools/bench_reliability.py --json bench-results/reliability.json

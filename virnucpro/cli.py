@@ -56,6 +56,7 @@ def worker(address: str | None, device: str, gpu_name: str | None, synthetic_spe
     across files and jobs. Ctrl-C or SIGTERM leaves cleanly: the broker hands
     the worker's files to the others at once.
     """
+    from broker.security import SecurityError
     from virnucpro.worker import Worker, WorkerConfig, WorkerSetupError, open_backends
 
     config = WorkerConfig(
@@ -71,7 +72,10 @@ def worker(address: str | None, device: str, gpu_name: str | None, synthetic_spe
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    process.run(stop)
+    try:
+        process.run(stop)
+    except SecurityError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
@@ -99,8 +103,91 @@ def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, ste
                        min_workers=min_workers, timeout=timeout))
 
 
+class _PredictCommand(click.Command):
+    """A command whose usage errors exit 1, since `predict` gives exit status 2 the meaning "partial"."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.exit_code = 1
+            raise
+
+
+def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        gpus = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of GPU numbers, e.g. 0,1") from None
+    if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise click.BadParameter(f"{value!r}: give each GPU number (0, 1, ...) once")
+    return gpus
+
+
+@cli.command(cls=_PredictCommand)
+@click.argument("input_fasta", metavar="INPUT.fasta", type=click.Path(path_type=Path))
+@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the predictions go; OUT/work keeps the run's state for --resume.")
+@click.option("--expected-length", type=int, default=500, show_default=True, metavar="300|500",
+              help="Chunk length; must match the classifier (300_model.pth or 500_model.pth).")
+@click.option("--model-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Classifier checkpoint [default: the tiny one with --models tiny, else "
+                   "300_model.pth / 500_model.pth in the current directory].")
+@click.option("--models", type=click.Choice(["virnucpro", "tiny"]), default="virnucpro", show_default=True,
+              help="`tiny`: small random networks, to try the pipeline anywhere (meaningless predictions).")
+@click.option("--dnabert-model", default=None, metavar="PATH|NAME", help="DNABERT-S model for workers started here.")
+@click.option("--esm-model", default=None, metavar="PATH|NAME", help="ESM-2 checkpoint for workers started here.")
+@click.option("--weighted", is_flag=True, help="Seed queues by the GPU weight table (else all weights 1.0).")
+@click.option("--steal", is_flag=True, help="Let idle workers take queued files from slower ones.")
+@click.option("--broker", "address", default=None, metavar="ADDR",
+              help="Use the running broker at ADDR and the workers that serve it (several machines) "
+                   "[default: start a broker and workers here].")
+@click.option("--gpus", callback=_gpu_list, default=None, metavar="0,1",
+              help="Start one worker per listed GPU [default: one per visible GPU, else 2 CPU workers].")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Start N CPU workers, each with an equal share of the cores.")
+@click.option("--gpu-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML weight file for the broker started here.")
+@click.option("--throughput-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Throughput log of the broker started here [default: the per-user log].")
+@click.option("--worker-timeout", type=click.FloatRange(min=0.1), default=None, metavar="S",
+              help="Seconds of silence after which the broker started here takes a worker for dead [default: 10].")
+@click.option("--sequences-per-file", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Sequences per split file [default: from the input's size, at most 10000].")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT, reusing every finished output.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+              help="Seconds to wait for the broker and its workers (they load their models first).")
+def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_path: Path | None, models: str,
+            dnabert_model: str | None, esm_model: str | None, weighted: bool, steal: bool, address: str | None,
+            gpus: tuple[int, ...] | None, workers: int | None, gpu_weights: Path | None,
+            throughput_log: Path | None, worker_timeout: float | None, sequences_per_file: int | None,
+            resume: bool, timeout: float) -> None:
+    """Predict which reads of INPUT.fasta are viral: split, embed through the broker, merge, classify.
+
+    Writes OUT/prediction_results.txt and OUT/prediction_results_highestscore.csv.
+    Exit status: 0 done; 2 some files failed (OUT/failed_files.txt lists them,
+    and the predictions cover the rest); 1 error; 130 interrupted. After an
+    interruption or a failure, rerun the same command with --resume.
+    """
+    from virnucpro.predict import PredictOptions
+    from virnucpro.predict import predict as run_predict
+
+    sys.exit(run_predict(PredictOptions(
+        input_fasta=input_fasta, output_dir=output_dir, expected_length=expected_length, model_path=model_path,
+        models=models, dnabert_model=dnabert_model, esm_model=esm_model, weighted=weighted, steal=steal,
+        broker=address, gpus=gpus, workers=workers, gpu_weights=gpu_weights, throughput_log=throughput_log,
+        worker_timeout=worker_timeout, sequences_per_file=sequences_per_file, resume=resume, timeout=timeout,
+    )))
+
+
 cli.add_command(weights)
 
 
 def main() -> None:
     cli(prog_name="virnucpro")
+
+
+if __name__ == "__main__":
+    main()
