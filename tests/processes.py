@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from broker.client import BrokerClient
 from virnucpro.local import LocalCluster, command, free_loopback_address
 
 VIRNUCPRO = command("virnucpro")[0]
@@ -29,13 +28,14 @@ class Cluster(LocalCluster):
                           "--worker-timeout", str(worker_timeout))
 
     def add_worker(self, name: str, speed: float, gpu: str = "NVIDIA GeForce RTX 3090") -> subprocess.Popen:
-        return self.start_worker(name, "--synthetic-speed", str(speed), "--gpu-name", gpu, "--broker-timeout", "5")
+        child = self.start_worker(name, "--synthetic-speed", str(speed), "--gpu-name", gpu, "--broker-timeout", "5")
+        return child.process
 
     def wait_for_workers(self, count: int, stage: str = "synthetic", timeout: float = 20.0) -> None:
         super().wait_for_workers(count, stage, timeout)
 
     def status(self) -> dict:
-        with BrokerClient(self.address, timeout=5.0) as client:
+        with self.client() as client:
             return client.request("status")["status"]
 
     def embed(self, output_dir: Path, files: list[Path], *flags: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

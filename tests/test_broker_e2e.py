@@ -14,7 +14,6 @@ import pytest
 import zmq
 from rich.console import Console
 
-from broker.client import BrokerClient
 from tests.conftest import write_fasta
 from tests.processes import VIRNUCPRO, BROKER, cluster, free_address, kill_hard
 from virnucpro.embed import plan_job, run_job
@@ -121,7 +120,7 @@ def test_a_file_that_always_fails_is_reported_after_three_attempts_and_the_rest_
         c.wait_for_workers(2)
         plan = plan_job("synthetic", files, tmp_path / "out")
         files[2].unlink()  # vanishes between submission and processing, as on an unmounted share
-        with BrokerClient(c.address) as client:
+        with c.client() as client:
             report = run_job(client, plan, weighted=True, steal=True, console=Console(file=io.StringIO()))
     assert (report["done"], report["failed"]) == (5, 1)
     [failure] = report["failures"]

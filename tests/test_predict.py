@@ -197,7 +197,7 @@ def test_resume_after_killed_broker_gives_the_same_predictions(
     args = [reads, "-o", out, "--workers", "2", "--weighted", *COMMON]
     process = start_predict(env, *args)
     wait_for(lambda: embedded(out) or process.poll() is not None, 90, "the first DNABERT-S output")
-    broker = [pid for pid, cmdline in children(process.pid).items() if "broker.cli" in cmdline]
+    broker = [pid for pid, cmdline in children(process.pid).items() if "virnucpro-broker" in cmdline]
     assert len(broker) == 1
     os.kill(broker[0], signal.SIGKILL)
     code, output = finish(process)

@@ -30,7 +30,7 @@ def keys(tmp_path):
 def test_curve_broker_runs_jobs_for_allowed_keys_and_ignores_others(tmp_path, keys, monkeypatch):
     files = [write_fasta(tmp_path / f"in{i}.fa", [100] * 5) for i in range(3)]
     allowed_env = {SECRET_ENV: str(keys["node1"]), SERVER_KEY_ENV: str(keys["broker_public"])}
-    with LocalCluster(tmp_path / "logs") as cluster:
+    with LocalCluster(tmp_path / "logs", curve=True) as cluster:
         cluster.start_broker("--throughput-log", str(tmp_path / "log.jsonl"),
                              "--curve-secret", str(keys["broker_secret"]), "--allowed-keys", str(keys["allowed"]))
         cluster.start_worker("node1", "--synthetic-speed", "50000", env=allowed_env)

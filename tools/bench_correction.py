@@ -20,7 +20,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from broker.client import BrokerClient
 from broker.scheduler import makespan_lower_bound
 from virnucpro.embed import plan_job, run_job
 from virnucpro.local import LocalCluster
@@ -56,7 +55,7 @@ def run(unit: int, log: Path | None = None) -> dict[str, dict[str, float]]:
                 cluster.start_worker(f"w{n}-{speed:.0f}", "--synthetic-speed", str(speed), "--gpu-name", GPU)
             cluster.wait_for_workers(len(SPEEDS), "synthetic", timeout=30)
             console = Console(stderr=True)
-            with BrokerClient(cluster.address) as client:
+            with cluster.client() as client:
                 for label, steal in (("weighted", False), ("weighted+steal", True)):
                     plan = plan_job("synthetic", files, root / label)
                     costs = [f["residues"] for f in plan.todo]

@@ -13,7 +13,6 @@ bare ROUTER echo process, so the broker's own share is visible.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,6 @@ import click
 import zmq
 
 from broker import protocol
-from broker.client import BrokerClient
 from virnucpro.local import LocalCluster, free_loopback_address
 
 WORKERS = 16
@@ -63,7 +61,7 @@ def measure_broker(seconds: float, root: Path) -> dict[str, float]:
         cluster.start_broker("--throughput-log", str(root / "throughput.jsonl"), "--worker-timeout", "600")
         context = zmq.Context.instance()
         workers = connect(context, cluster.address, WORKERS)
-        with BrokerClient(cluster.address, timeout=30) as client:
+        with cluster.client(timeout=30) as client:
             client.wait_until_up(30)
             for i, s in enumerate(workers):
                 s.send(protocol.encode("register", name=f"bench-{i:02d}", host="bench", gpu="NVIDIA GeForce RTX 3090",

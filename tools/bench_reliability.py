@@ -21,7 +21,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from broker.client import BrokerClient
 from virnucpro.embed import plan_job, run_job
 from virnucpro.local import LocalCluster
 from virnucpro.stages import is_complete
@@ -61,8 +60,8 @@ def run(files: int, kills: int, seed: int) -> dict[str, object]:
             def chaos() -> None:
                 generation = WORKERS
                 while len(killed) < kills and not done.wait(rng.uniform(0.5, 2.0)):
-                    victim = rng.choice(sorted(n for n, p in cluster.workers.items() if p.poll() is None))
-                    cluster.workers[victim].send_signal(signal.SIGKILL)
+                    victim = rng.choice(sorted(n for n, c in cluster.workers.items() if c.process.poll() is None))
+                    cluster.workers[victim].process.send_signal(signal.SIGKILL)
                     killed.append(victim)
                     cluster.start_worker(f"w{generation}", "--synthetic-speed", str(SPEED))
                     generation += 1
@@ -72,7 +71,7 @@ def run(files: int, kills: int, seed: int) -> dict[str, object]:
             started = time.monotonic()
             chaos_thread.start()
             try:
-                with BrokerClient(cluster.address) as client:
+                with cluster.client() as client:
                     report = run_job(client, plan, weighted=True, steal=True, console=Console(stderr=True))
             finally:
                 done.set()

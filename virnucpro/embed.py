@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -104,7 +105,7 @@ def run_job(
         except BrokerError as exc:
             if "unknown job" not in str(exc):
                 raise
-            console.print(f"[yellow]the broker lost job {job} (restarted?); submitting what is not done yet")
+            console.print(f"[yellow]the broker lost job {job} (restarted?); submitting what is not done yet[/yellow]")
             todo = [f for f in todo if not is_complete(f["output"])]
             client.wait_until_up(client.timeout * 6)
     raise EmbedError(f"the broker at {client.address} lost the job {MAX_RESUBMITS} times; giving up")
@@ -192,7 +193,7 @@ def embed(
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         plan = plan_job(stage, files, output_dir)
     except (FastaError, EmbedError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return EXIT_ERROR
     if plan.skipped:
         console.print(f"{len(plan.skipped)} of {len(files)} files already have complete outputs; skipped")
@@ -203,7 +204,7 @@ def embed(
                 wait_for_workers(client, stage, min_workers, timeout, console)
                 report = run_job(client, plan, weighted=weighted, steal=steal, console=console)
         except (BrokerUnreachable, BrokerError, EmbedError, SecurityError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
             return EXIT_ERROR
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: job cancelled; finished outputs are kept, rerun to continue")
@@ -214,6 +215,6 @@ def embed(
     failures = (report or {}).get("failures", [])
     for failure in failures:
         reasons = "; ".join(f"{a['worker']}: {a['reason']}" for a in failure["attempts"])
-        console.print(f"[red]failed:[/red] {failure['file']} ({reasons})")
+        console.print(f"[red]failed:[/red] {escape(failure['file'])} ({escape(reasons)})")
     console.print(f"report: {path}")
     return EXIT_PARTIAL if failures else EXIT_OK

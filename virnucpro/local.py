@@ -1,19 +1,24 @@
-"""Start a broker and its workers as child processes on this machine, and stop them all."""
+"""Start a broker and its workers as child processes on this machine, watch them, and stop them all."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable
 
 from broker.client import BrokerClient
+from broker.security import SECRET_ENV, SERVER_KEY_ENV
 
-STOP_GRACE = 5.0
+STOP_GRACE = 10.0  # a worker finishes its current batch before it leaves
+LISTEN_TIMEOUT = 30.0
+BROKER_START_ATTEMPTS = 3  # the free port picked may be taken before the broker binds it
 
 
 def free_loopback_address() -> str:
@@ -24,7 +29,7 @@ def free_loopback_address() -> str:
 
 
 def command(name: str) -> list[str]:
-    # The console script beside this interpreter, so a venv's child runs the same install.
+    """How to run a console script of this install: the one beside this interpreter, else `python -m`."""
     script = Path(sys.executable).parent / name
     if script.exists():
         return [str(script)]
@@ -32,66 +37,152 @@ def command(name: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has Linux SIGTERM the child when this process dies, even by SIGKILL.
+
+    Children run in their own session, so a Ctrl-C reaches only this process,
+    which then stops them in order; this covers the case where it cannot.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass
+class Child:
+    """A process started here, and where its output goes."""
+
+    name: str  # as messages name it: "broker", "worker cpu-1"
+    process: subprocess.Popen
+    log: Path
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log.read_text(errors="replace").rstrip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(f"  | {line}" for line in text[-lines:])
+
+    def exit_description(self) -> str:
+        tail = self.log_tail()
+        return (f"{self.name} exited with code {self.process.returncode} (log: {self.log})"
+                + (f"; its last lines:\n{tail}" if tail else ""))
+
+
 class LocalCluster:
-    """A broker and workers owned by this process; `close` (or leaving the `with`) ends them."""
+    """A loopback broker and workers owned by this process; `close` (or leaving the `with`) ends them."""
 
-    def __init__(self, log_dir: Path, address: str | None = None) -> None:
+    def __init__(self, log_dir: Path, curve: bool = False) -> None:
         self.log_dir = log_dir
-        self.address = address or free_loopback_address()
-        self.broker: subprocess.Popen | None = None
-        self.workers: dict[str, subprocess.Popen] = {}
+        # True when the caller gives the broker --curve-secret: then children and clients keep the
+        # CURVE keys of the environment; otherwise they must not try keys meant for another broker.
+        self.curve = curve
+        self.address = ""
+        self.broker: Child | None = None
+        self.workers: dict[str, Child] = {}
 
-    def _spawn(self, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / log_name, "ab") as log:
-            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **(env or {})}, start_new_session=True)
+        log = self.log_dir / log_name
+        child_env = {k: v for k, v in os.environ.items() if self.curve or k not in (SECRET_ENV, SERVER_KEY_ENV)}
+        with open(log, "ab") as handle:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                       env={**child_env, **(env or {})}, start_new_session=True,
+                                       preexec_fn=_die_with_parent())
+        return Child(name, process, log)
 
-    def start_broker(self, *options: str) -> subprocess.Popen:
-        self.broker = self._spawn([*command("virnucpro-broker"), "--bind", self.address, *options], "broker.log")
-        return self.broker
+    def start_broker(self, *options: str) -> Child:
+        """Start the broker on a free loopback port and wait until it listens; RuntimeError if it cannot."""
+        for _ in range(BROKER_START_ATTEMPTS):
+            self.address = free_loopback_address()
+            self.broker = self._spawn("broker", [*command("virnucpro-broker"), "--bind", self.address, *options],
+                                      "broker.log")
+            if _wait_listening(self.broker.process, self.address, LISTEN_TIMEOUT):
+                return self.broker
+            if self.broker.process.poll() is None:
+                raise RuntimeError(f"the broker did not listen on {self.address} within {LISTEN_TIMEOUT:g} s "
+                                   f"(log: {self.broker.log})")
+        assert self.broker is not None
+        raise RuntimeError(f"the broker could not start: {self.broker.exit_description()}")
 
-    def start_worker(self, name: str, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        process = self._spawn([*command("virnucpro"), "worker", "--broker", self.address, "--name", name, *options],
-                              f"worker-{name}.log", env)
-        self.workers[name] = process
-        return process
+    def start_worker(self, name: str, *options: str, env: dict[str, str] | None = None) -> Child:
+        child = self._spawn(f"worker {name}",
+                            [*command("virnucpro"), "worker", "--broker", self.address, "--name", name, *options],
+                            f"worker-{name.replace(':', '')}.log", env)
+        self.workers[name] = child
+        return child
+
+    def client(self, timeout: float = 5.0) -> BrokerClient:
+        """A client of this broker (with the environment's CURVE keys only if the broker uses CURVE)."""
+        return BrokerClient(self.address, timeout=timeout, curve=self.curve)
+
+    def failure(self, starting: bool = False) -> str | None:
+        """Why a job here cannot finish: the broker exited, a worker exited while starting, or every worker did."""
+        if self.broker is not None and self.broker.process.poll() is not None:
+            return self.broker.exit_description()
+        exited = [w for w in self.workers.values() if w.process.poll() is not None]
+        if exited and (starting or len(exited) == len(self.workers)):
+            return exited[0].exit_description()
+        return None
 
     def wait_for_workers(self, count: int, stage: str, timeout: float) -> None:
         """Block until `count` workers serving `stage` registered; RuntimeError naming a dead one's log."""
         deadline = time.monotonic() + timeout
-        with BrokerClient(self.address, timeout=2.0) as client:
+        with self.client(timeout=2.0) as client:
             status = client.wait_until_up(timeout)
             while sum(1 for w in status["workers"] if w["alive"] and stage in w["stages"]) < count:
-                for name, process in self.workers.items():
-                    if process.poll() is not None:
-                        raise RuntimeError(f"worker {name} exited ({process.returncode}); "
-                                           f"see {self.log_dir / f'worker-{name}.log'}")
+                problem = self.failure(starting=True)
+                if problem:
+                    raise RuntimeError(problem)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{count} {stage} workers did not register within {timeout:g} s; "
                                        f"see the logs in {self.log_dir}")
                 time.sleep(0.1)
                 status = client.request("status")["status"]
 
-    def processes(self) -> Sequence[subprocess.Popen]:
-        return [*self.workers.values(), *([self.broker] if self.broker else [])]
-
-    def close(self) -> None:
-        """SIGTERM every process (workers first), then SIGKILL what outlives the grace period."""
-        for process in self.processes():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for process in self.processes():
-            try:
-                process.wait(max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    def close(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM the workers (they leave the broker cleanly), then the broker; SIGKILL what outlives `grace`."""
+        for group in (list(self.workers.values()), [self.broker] if self.broker else []):
+            for child in group:
+                if child.process.poll() is None:
+                    child.process.terminate()
+            deadline = time.monotonic() + grace
+            for child in group:
+                try:
+                    child.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
 
     def __enter__(self) -> "LocalCluster":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
+
+def _wait_listening(process: subprocess.Popen, address: str, timeout: float) -> bool:
+    """True once something accepts on the address's port while `process` lives; False if it exits or time runs out."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                return process.poll() is None
+        except OSError:
+            time.sleep(0.1)
+    return False

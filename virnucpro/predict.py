@@ -12,18 +12,13 @@ continues after any interruption and recomputes nothing that finished.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -50,6 +45,7 @@ from virnucpro.merge import merge_files, merged_path
 from virnucpro.outputs import RESULTS_NAME, write_predictions
 from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
 from virnucpro.sequences import EXPECTED_LENGTHS, FilePair, split_into_files
+from virnucpro.local import LocalCluster
 from virnucpro.stages import is_complete, output_path
 
 EXIT_INTERRUPTED = 130
@@ -70,9 +66,6 @@ MAX_SEQUENCES_PER_FILE = 10000
 GZIP_RATIO = 4  # a gzipped FASTA is about a quarter of its text
 
 CLIENT_TIMEOUT = 5.0
-START_TIMEOUT = 30.0  # for the broker to listen; workers get --timeout, as loading models can take minutes
-STOP_GRACE = 10.0  # a worker finishes its current batch before it leaves
-BROKER_START_ATTEMPTS = 3  # the free port we picked may be taken before the broker binds it
 
 
 class PredictError(RuntimeError):
@@ -250,151 +243,28 @@ def _write_atomically(path: Path, text: str) -> None:
 # --------------------------------------------------- broker and workers here
 
 
-@dataclass
-class Child:
-    """A process this command started, and where its output goes."""
-
-    name: str  # as messages name it: "broker", "worker cpu-1"
-    process: subprocess.Popen
-    log: Path
-
-    def log_tail(self, lines: int = 8) -> str:
-        try:
-            text = self.log.read_text(errors="replace").rstrip().splitlines()
-        except OSError:
-            return ""
-        return "\n".join(f"  | {line}" for line in text[-lines:])
-
-    def exit_description(self) -> str:
-        tail = self.log_tail()
-        return (f"{self.name} exited with code {self.process.returncode} (log: {self.log})"
-                + (f"; its last lines:\n{tail}" if tail else ""))
+def broker_options(options: PredictOptions) -> list[str]:
+    """The self-started broker's command-line options."""
+    extra: list[str] = []
+    if options.gpu_weights is not None:
+        extra += ["--gpu-weights", str(options.gpu_weights)]
+    if options.throughput_log is not None:
+        extra += ["--throughput-log", str(options.throughput_log)]
+    if options.worker_timeout is not None:
+        # Heartbeats must come several times per timeout, or a busy worker is taken for dead.
+        extra += ["--worker-timeout", str(options.worker_timeout),
+                  "--heartbeat-interval", str(min(1.0, max(0.05, options.worker_timeout / 4)))]
+    return extra
 
 
-def _die_with_parent() -> Any:
-    """A preexec_fn that has Linux SIGTERM the child when this process dies, even by SIGKILL.
-
-    The children run in their own session so that a Ctrl-C reaches only this
-    process, which then stops them in order; this covers the case where it
-    cannot. None where prctl does not exist.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-@dataclass
-class SelfStartedCluster:
-    """A broker and its workers on this machine, owned by this command."""
-
-    logs_dir: Path
-    address: str = ""
-    broker: Child | None = None
-    workers: list[Child] = field(default_factory=list)
-
-    def _spawn(self, name: str, log_name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        log = self.logs_dir / f"{log_name}.log"
-        with open(log, "ab") as handle:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                       env={**os.environ, **(env or {})}, start_new_session=True,
-                                       preexec_fn=_die_with_parent())
-        return Child(name, process, log)
-
-    def start_broker(self, options: PredictOptions) -> None:
-        extra: list[str] = []
-        if options.gpu_weights is not None:
-            extra += ["--gpu-weights", str(options.gpu_weights)]
-        if options.throughput_log is not None:
-            extra += ["--throughput-log", str(options.throughput_log)]
-        if options.worker_timeout is not None:
-            # Heartbeats must come several times per timeout, or a busy worker is taken for dead.
-            extra += ["--worker-timeout", str(options.worker_timeout),
-                      "--heartbeat-interval", str(min(1.0, max(0.05, options.worker_timeout / 4)))]
-        for _ in range(BROKER_START_ATTEMPTS):
-            port = _free_port()
-            self.address = f"tcp://127.0.0.1:{port}"
-            argv = [sys.executable, "-m", "broker.cli", "--bind", self.address, *extra]
-            self.broker = self._spawn("broker", "broker", argv)
-            if _wait_listening(self.broker.process, port, START_TIMEOUT):
-                return
-            if self.broker.process.poll() is None:
-                raise PredictError(f"the broker did not listen on {self.address} within {START_TIMEOUT:g} s "
-                                   f"(log: {self.broker.log})")
-        raise PredictError(f"the broker could not start: {self.broker.exit_description()}")
-
-    def start_workers(self, devices: Sequence[str], options: PredictOptions, threads: int) -> None:
-        models = ["--models", options.models]
-        if options.dnabert_model:
-            models += ["--dnabert-model", options.dnabert_model]
-        if options.esm_model:
-            models += ["--esm-model", options.esm_model]
-        # Torch sizes its thread pool from these: a fair share of the cores each, not all of them each.
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        for number, device in enumerate(devices, start=1):
-            name = device if device.startswith("cuda") else f"cpu-{number}"
-            self.workers.append(self._spawn(
-                f"worker {name}", f"worker-{name.replace(':', '')}",
-                [sys.executable, "-m", "virnucpro.cli", "worker", "--broker", self.address, "--device", device,
-                 "--name", name, *models],
-                env,
-            ))
-
-    def failure(self, starting: bool) -> str | None:
-        """Why the job cannot finish: the broker exited, or a worker while starting, or every worker."""
-        if self.broker is not None and self.broker.process.poll() is not None:
-            return self.broker.exit_description()
-        exited = [w for w in self.workers if w.process.poll() is not None]
-        if exited and (starting or len(exited) == len(self.workers)):
-            return exited[0].exit_description()
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM the workers (they leave the broker cleanly), then the broker; SIGKILL what outlives the grace."""
-        for group in (self.workers, [self.broker] if self.broker else []):
-            for child in group:
-                if child.process.poll() is None:
-                    child.process.terminate()
-            deadline = time.monotonic() + STOP_GRACE
-            for child in group:
-                try:
-                    child.process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.process.kill()
-                    child.process.wait()
-
-
-def _free_port() -> int:
-    # ZeroMQ cannot report the port it picked for tcp://127.0.0.1:* through the broker's CLI.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_listening(process: subprocess.Popen, port: int, timeout: float) -> bool:
-    """True once something accepts on `port` while `process` lives; False if it exits first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return process.poll() is None
-        except OSError:
-            time.sleep(0.1)
-    return False
+def worker_options(options: PredictOptions) -> list[str]:
+    """The self-started workers' model options."""
+    models = ["--models", options.models]
+    if options.dnabert_model:
+        models += ["--dnabert-model", options.dnabert_model]
+    if options.esm_model:
+        models += ["--esm-model", options.esm_model]
+    return models
 
 
 class WatchedClient(BrokerClient):
@@ -405,8 +275,8 @@ class WatchedClient(BrokerClient):
     for workers that are gone.
     """
 
-    def __init__(self, cluster: SelfStartedCluster, timeout: float) -> None:
-        super().__init__(cluster.address, timeout)
+    def __init__(self, cluster: LocalCluster, timeout: float) -> None:
+        super().__init__(cluster.address, timeout, curve=cluster.curve)
         self.cluster = cluster
         self.starting = True
 
@@ -452,12 +322,19 @@ def broker_session(options: PredictOptions, devices: Sequence[str], work_dir: Pa
             yield client
         return
     threads = max(1, _cores() // len(devices))
-    cluster = SelfStartedCluster(work_dir / "logs")
+    cluster = LocalCluster(work_dir / "logs")
     try:
-        cluster.start_broker(options)
-        cluster.start_workers(devices, options, threads)
+        try:
+            cluster.start_broker(*broker_options(options))
+        except RuntimeError as exc:
+            raise PredictError(str(exc)) from None
+        # Torch sizes its thread pool from these: a fair share of the cores each, not all of them each.
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        for number, device in enumerate(devices, start=1):
+            name = device if device.startswith("cuda") else f"cpu-{number}"
+            cluster.start_worker(name, "--device", device, *worker_options(options), env=env)
         console.print(f"broker: {cluster.address}, started here with {len(devices)} workers "
-                      f"({', '.join(devices)}; {threads} CPU thread(s) each); logs in {cluster.logs_dir}",
+                      f"({', '.join(devices)}; {threads} CPU thread(s) each); logs in {cluster.log_dir}",
                       markup=False)
         console.print(f"throughput log: {options.throughput_log or default_log_path()}", markup=False)
         with WatchedClient(cluster, CLIENT_TIMEOUT) as client:
@@ -465,14 +342,14 @@ def broker_session(options: PredictOptions, devices: Sequence[str], work_dir: Pa
                 wait_for_workers(client, stage, len(devices), options.timeout, console)
             client.starting = False
             yield client
-        for worker in cluster.workers:
+        for worker in cluster.workers.values():
             if worker.process.poll() is not None:
                 console.print(f"[yellow]warning:[/yellow] {worker.name} exited with code "
                               f"{worker.process.returncode} during the run; the broker gave its files to the others "
                               f"(log: {escape(str(worker.log))})")
     finally:
         with _signals_ignored():
-            cluster.stop()
+            cluster.close()
 
 
 @contextmanager
