@@ -34,10 +34,11 @@ test-fast: install
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info .pytest_cache
 
-# The README's benchmark figures (about 2 minutes on 2 cores).
+# The README's benchmark figures (about 4 minutes on 2 cores).
 bench: install
 	mkdir -p bench-results
 	$(PY) tools/bench_correction.py --json bench-results/correction.json --throughput-log bench-results/correction.jsonl
 	$(PY) tools/plot_timeline.py bench-results/correction.jsonl -o bench-results/timeline.png
 	$(PY) tools/bench_overhead.py --json bench-results/overhead.json
 	$(PY) tools/bench_reliability.py --json bench-results/reliability.json
+	$(PY) tools/bench_refine_loop.py --json bench-results/refine_loop.json

@@ -164,7 +164,7 @@ def plot_timeline(log: ThroughputLog, job: str, output: Path, table: WeightTable
             Line2D([], [], color=BOUND_COLOUR, linestyle="--", linewidth=1.6, label=f"lower bound {bound:.1f} s"),
             Line2D([], [], color=MAKESPAN_COLOUR, linestyle=":", linewidth=1.4, label=f"makespan {makespan:.1f} s"),
         ],
-        loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=9,
+        loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, frameon=False, fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,11 @@ def _job_state(client: BrokerClient, job: str) -> dict[str, Any]:
     return client.request("job", job=job)
 
 
+def make_console() -> Console:
+    """Rich output on stderr; 120 columns when it goes to a file, so the tables stay whole."""
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
 def worker_table(report: dict[str, Any], title: str) -> Table:
     """Per worker: GPU, predicted vs observed weight, files, throughput, steals."""
     table = Table(title=title, title_justify="left")
@@ -188,7 +194,7 @@ def embed(
     console: Console | None = None,
 ) -> int:
     """The `virnucpro embed` command; returns its exit code."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         plan = plan_job(stage, files, output_dir)

@@ -33,6 +33,7 @@ from virnucpro.embed import (
     EXIT_OK,
     EXIT_PARTIAL,
     EmbedError,
+    make_console,
     Plan,
     plan_job,
     run_job,
@@ -461,7 +462,7 @@ def merge_complete(pairs: Sequence[FilePair], work_dir: Path) -> list[Path]:
 
 def predict(options: PredictOptions, console: Console | None = None) -> int:
     """The `virnucpro predict` command; its exit code: 0 done, 2 some files failed, 1 error, 130 interrupted."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     output_dir = options.output_dir
     work_dir = output_dir / "work"
     if options.models == "tiny":

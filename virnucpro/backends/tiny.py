@@ -139,6 +139,9 @@ def ensure_tiny_models(directory: str | Path) -> TinyModels:
 
 
 def _write_tiny_dnabert(directory: Path) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a progress bar for a 20 MB file is noise in every first run
     build_tiny_dnabert().save_pretrained(directory)
     build_tiny_tokenizer().save(str(directory / "tokenizer.json"))
     # As DNABERT-S's own tokenizer_config: AutoTokenizer then reads tokenizer.json as is.
