@@ -57,17 +57,25 @@ def pair_by_number(
     return [(k, dnabert[k], esm[k]) for k in sorted(dnabert)]
 
 
-def _load(path: Path, keys: tuple[str, str]) -> dict[str, Any]:
+def load_feature_dict(
+    path: Path, keys: tuple[str, str], error: type[ValueError] = MergeError, remedy: str = "embed"
+) -> dict[str, Any]:
+    """A torch-saved dict holding `keys`; `error` names the file and says to `remedy` it again."""
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise MergeError(f"{path}: file not found; embed it first") from None
+        raise error(f"{path}: file not found; {remedy} it first") from None
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise MergeError(
-            f"{path}: not a readable feature file ({type(exc).__name__}: {exc}); embed it again"
+        raise error(
+            f"{path}: not a readable feature file ({type(exc).__name__}: {exc}); {remedy} it again"
         ) from None
     if not isinstance(content, dict) or not all(key in content for key in keys):
-        raise MergeError(f"{path}: lacks the keys {keys}; embed it again with this version")
+        raise error(f"{path}: lacks the keys {keys}; {remedy} it again with this version")
+    return content
+
+
+def _load(path: Path, keys: tuple[str, str]) -> dict[str, Any]:
+    content = load_feature_dict(path, keys)
     if len(content[keys[0]]) != len(content[keys[1]]):
         ids, features = len(content[keys[0]]), len(content[keys[1]])
         raise MergeError(f"{path}: {ids} ids but {features} features; embed it again")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from virnucpro.classifier import MLPClassifier, label_for, load_classifier, predict_scores
+from virnucpro.merge import load_feature_dict
 
 RESULTS_NAME = "prediction_results.txt"
 HIGHESTSCORE_NAME = "prediction_results_highestscore.csv"
@@ -96,16 +97,7 @@ def write_predictions(
 
 
 def _load_merged(path: Path) -> tuple[list[str], torch.Tensor]:
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise OutputError(f"{path}: file not found; merge its features first") from None
-    except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise OutputError(
-            f"{path}: not a readable merged feature file ({type(exc).__name__}: {exc}); merge it again"
-        ) from None
-    if not isinstance(content, dict) or "ids" not in content or "data" not in content:
-        raise OutputError(f"{path}: lacks the keys 'ids' and 'data'; merge it again")
+    content = load_feature_dict(path, ("ids", "data"), OutputError, remedy="merge")
     ids, data = list(content["ids"]), content["data"]
     if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.shape[0] != len(ids):
         shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
