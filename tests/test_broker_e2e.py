@@ -286,3 +286,33 @@ def test_status_json_lists_workers_jobs_and_counters(tmp_path):
     [job] = status["jobs"]
     assert (job["state"], job["done"], job["files"]) == ("finished", 2, 2)
     assert "counters" in status and status["broker"]["address"] == c.address
+
+
+def test_a_broker_killed_mid_job_and_restarted_loses_no_finished_file(tmp_path):
+    files = make_inputs(tmp_path / "in", [2000] * 10)
+    with cluster(tmp_path) as c:
+        c.add_worker("a", 4000)
+        c.add_worker("b", 4000)
+        c.wait_for_workers(2)
+        embed = subprocess.Popen(
+            [VIRNUCPRO, "embed", "--broker", c.address, "--stage", "synthetic", "-o", str(tmp_path / "out"),
+             "--min-workers", "2", *map(str, files)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 30
+        while len(c.records("task_done")) < 2:
+            assert time.monotonic() < deadline, "no file finished before the broker was to be killed"
+            time.sleep(0.05)
+        kill_hard(c.broker.process)
+        finished_before = {r["file"] for r in c.records("task_done")}
+        c.start_broker("--throughput-log", str(c.log), "--heartbeat-interval", "0.2", "--worker-timeout", "1.5",
+                       address=c.address)
+        _, stderr = embed.communicate(timeout=90)
+        done = c.records("task_done")
+    assert embed.returncode == 0, stderr
+    assert "submitting what is not done yet" in stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_synthetic.json")) == sorted(
+        f"{f.stem}_synthetic.json" for f in files
+    )
+    # Files finished before the crash were not run again after it.
+    assert not finished_before & {r["file"] for r in done[len(finished_before):]}

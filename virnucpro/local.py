@@ -103,10 +103,13 @@ class LocalCluster:
                                        preexec_fn=_die_with_parent())
         return Child(name, process, log)
 
-    def start_broker(self, *options: str) -> Child:
-        """Start the broker on a free loopback port and wait until it listens; RuntimeError if it cannot."""
+    def start_broker(self, *options: str, address: str | None = None) -> Child:
+        """Start the broker on `address` (default: a free loopback port) and wait until it listens.
+
+        RuntimeError if it cannot.
+        """
         for _ in range(BROKER_START_ATTEMPTS):
-            self.address = free_loopback_address()
+            self.address = address or free_loopback_address()
             self.broker = self._spawn("broker", [*command("virnucpro-broker"), "--bind", self.address, *options],
                                       "broker.log")
             if _wait_listening(self.broker.process, self.address, LISTEN_TIMEOUT):
