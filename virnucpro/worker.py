@@ -129,9 +129,11 @@ class Worker:
             return False
 
     def _register(self) -> None:
-        self._last_register = time.monotonic()
-        self._send("register", name=self.name, host=socket.gethostname(), gpu=self.gpu,
-                   device=self.config.device, stages=sorted(self.backends), pid=os.getpid())
+        sent = self._send("register", name=self.name, host=socket.gethostname(), gpu=self.gpu,
+                          device=self.config.device, stages=sorted(self.backends), pid=os.getpid())
+        # Until the connection is up nothing is sent: try again at the next turn of the loop, not in a second.
+        if sent:
+            self._last_register = time.monotonic()
 
     # ------------------------------------------------------------- loop
 
