@@ -33,6 +33,8 @@ LOST_ASSIGNMENT_GRACE = 3.0
 VICTIMS_CONSIDERED = 3
 # How far back from a victim's queue tail a thief looks for a file it may run.
 TAIL_SCAN = 16
+# Ended jobs kept for status and late results; older ones are forgotten so a long-lived broker stays small.
+KEEP_ENDED_JOBS = 100
 
 
 # ----------------------------------------------------------------- events
@@ -669,6 +671,7 @@ class Scheduler:
         job.state = "cancelled"
         job.finished = event.now
         out.append(JobFinished(job.id, self.report(job)))
+        self._forget_old_jobs()
         return out + self._dispatch(event.now)
 
     # ---------------------------------------------------------- dispatch
@@ -750,7 +753,17 @@ class Scheduler:
             for row in report["workers"]
         ]
         out.append(JobFinished(job.id, report))
+        self._forget_old_jobs()
         return out
+
+    def _forget_old_jobs(self) -> None:
+        ended = [job for job in self.jobs.values() if not job.open]
+        for job in ended[: max(0, len(ended) - KEEP_ENDED_JOBS)]:
+            for task in job.tasks:
+                del self.tasks[task.id]
+            for worker in self.workers.values():
+                worker.per_job.pop(job.id, None)
+            del self.jobs[job.id]
 
     def report(self, job: Job) -> dict[str, Any]:
         """The per-worker figures, makespan, steals and failures of a job."""

@@ -237,6 +237,8 @@ class BrokerServer:
                 self.log.append(instruction.record)
             elif isinstance(instruction, JobFinished):
                 self.reports[instruction.job] = instruction.report
+                for forgotten in [job for job in self.reports if job not in self.scheduler.jobs]:
+                    del self.reports[forgotten]
                 self.log.sync()
                 report = instruction.report
                 logger.info("job %s %s: %d done, %d failed, %d steals, makespan %.1f s",

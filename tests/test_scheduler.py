@@ -783,3 +783,18 @@ def test_stealing_brings_makespan_within_10_percent_of_lower_bound_despite_wrong
 @pytest.mark.parametrize("seed", range(5))
 def test_without_stealing_wrong_equal_weights_give_about_1_6x_the_lower_bound(seed):
     assert 1.55 <= makespan_ratio(seed, steal=False) <= 1.75
+
+
+def test_a_long_lived_broker_forgets_the_oldest_ended_jobs():
+    from broker import scheduler as core
+
+    d = Driver()
+    d.join("a")
+    for n in range(core.KEEP_ENDED_JOBS + 5):
+        d.submit(f"j{n}", [10])
+        for assign in assigns(d.request("a")):
+            d.succeed("a", assign.task)
+    assert len(d.scheduler.jobs) == core.KEEP_ENDED_JOBS
+    assert "j0" not in d.scheduler.jobs and "j0:0" not in d.scheduler.tasks
+    assert f"j{core.KEEP_ENDED_JOBS + 4}" in d.scheduler.jobs
+    assert all(len(w.per_job) <= core.KEEP_ENDED_JOBS for w in d.scheduler.workers.values())
