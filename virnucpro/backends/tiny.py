@@ -139,10 +139,15 @@ def ensure_tiny_models(directory: str | Path) -> TinyModels:
 
 
 def _write_tiny_dnabert(directory: Path) -> None:
+    write_dnabert_directory(directory, build_tiny_dnabert())
+
+
+def write_dnabert_directory(directory: Path, model: "BertModel") -> None:
+    """A transformers model directory holding `model` and the tiny tokenizer, as DNABERT-S ships."""
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # a progress bar for a 20 MB file is noise in every first run
-    build_tiny_dnabert().save_pretrained(directory)
+    transformers_logging.disable_progress_bar()  # a progress bar per saved file is noise in every first run
+    model.save_pretrained(directory)
     build_tiny_tokenizer().save(str(directory / "tokenizer.json"))
     # As DNABERT-S's own tokenizer_config: AutoTokenizer then reads tokenizer.json as is.
     config = {
@@ -158,11 +163,16 @@ def _write_tiny_dnabert(directory: Path) -> None:
 
 
 def _tiny_esm_bytes() -> tuple[bytes, bytes]:
-    """(checkpoint, contact regression) as fair-esm publishes them for ESM-2."""
-    state = build_tiny_esm().state_dict()
+    return esm_checkpoint_bytes(build_tiny_esm())
+
+
+def esm_checkpoint_bytes(model: "ESM2") -> tuple[bytes, bytes]:
+    """(checkpoint, contact regression) of `model` as fair-esm publishes them for ESM-2."""
+    state = model.state_dict()
     regression_keys = [key for key in state if key.startswith("contact_head.regression.")]
     cfg = argparse.Namespace(
-        encoder_layers=ESM_LAYERS, encoder_embed_dim=ESM_DIM, encoder_attention_heads=4, token_dropout=True
+        encoder_layers=model.num_layers, encoder_embed_dim=model.embed_dim,
+        encoder_attention_heads=model.attention_heads, token_dropout=model.token_dropout,
     )
     checkpoint = {
         # fair-esm strips this prefix, which the published checkpoints carry from fairseq.

@@ -1,0 +1,210 @@
+"""Device check: GPU names and weights, bf16, OOM recovery, and embedding throughput of full-size models.
+
+One run on a machine with a GPU answers what this project cannot test on a
+CPU: the name torch reports and the weight it finds, whether the backends
+run under bf16 and how far bf16 features stray from fp32 ones, whether a
+real CUDA out-of-memory error is survived by halving the batch, and how
+many sequences per second DNABERT-S- and ESM-2-3B-sized networks (random
+weights, saved and loaded in the real formats through the real backends)
+embed on this GPU.
+
+    python tools/gpu_check.py --device cuda:0 --json gpu_check.json
+    python tools/gpu_check.py --device cpu --small          # a smoke test of this script
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from virnucpro.backends.common import autocast_dtype, resolve_device
+from virnucpro.backends.dnabert import DnabertBackend
+from virnucpro.backends.esm import EsmBackend
+from virnucpro.backends.tiny import (
+    ESM_FILE,
+    ESM_REGRESSION_FILE,
+    build_tiny_tokenizer,
+    esm_checkpoint_bytes,
+    write_dnabert_directory,
+)
+from virnucpro.pipeline.gpu_weights import load_weight_table
+
+# (layers, width, heads): DNABERT-S is a BERT-base; ESM-2 3B is esm2_t36_3B_UR50D.
+FULL = {"dnabert": (12, 768, 12), "esm": (36, 2560, 40)}
+SMALL = {"dnabert": (2, 768, 4), "esm": (4, 320, 4)}
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def device_report(device: torch.device) -> dict[str, Any]:
+    report: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = load_weight_table()
+        report.update(
+            name=name, capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+            memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30,
+            table_model=table.match(name), weight=table.lookup(name),
+        )
+    dtype = autocast_dtype(device)
+    report["autocast"] = str(dtype) if dtype else "none (fp32)"
+    return report
+
+
+def write_inputs(directory: Path, count: int, seed: int = 3) -> tuple[Path, Path]:
+    """Paired files like the pipeline's: proteins of 20-82 aa (mean about 51) and their 3p+1-base slices."""
+    rng = random.Random(seed)
+    nucleotide, protein = directory / "output_1.fa", directory / "protein_1.fa"
+    with open(nucleotide, "w") as nuc, open(protein, "w") as prot:
+        for i in range(count):
+            length = rng.randint(20, 82)
+            prot.write(f">r{i}\n{''.join(rng.choice(AMINO_ACIDS) for _ in range(length))}\n")
+            nuc.write(f">r{i}\n{''.join(rng.choice('ACGT') for _ in range(3 * length + 1))}\n")
+    return nucleotide, protein
+
+
+def write_models(directory: Path, sizes: dict[str, tuple[int, int, int]]) -> tuple[Path, Path]:
+    """A DNABERT-S-shaped transformers directory and an ESM-2 checkpoint of the given sizes, random weights."""
+    from esm.data import Alphabet
+    from esm.model.esm2 import ESM2
+    from transformers import BertConfig, BertModel
+
+    layers, width, heads = sizes["dnabert"]
+    config = BertConfig(vocab_size=build_tiny_tokenizer().get_vocab_size(), hidden_size=width,
+                        num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * width,
+                        max_position_embeddings=1024)
+    dnabert_dir = directory / "dnabert"
+    dnabert_dir.mkdir()
+    write_dnabert_directory(dnabert_dir, BertModel(config).eval())
+    layers, width, heads = sizes["esm"]
+    # Half precision on disk halves the 3B checkpoint; fair-esm loads it into fp32 parameters.
+    esm = ESM2(num_layers=layers, embed_dim=width, attention_heads=heads,
+               alphabet=Alphabet.from_architecture("ESM-1b"), token_dropout=True).half()
+    checkpoint, regression = esm_checkpoint_bytes(esm)
+    del esm
+    (directory / ESM_REGRESSION_FILE).write_bytes(regression)
+    esm_path = directory / ESM_FILE
+    esm_path.write_bytes(checkpoint)
+    return dnabert_dir, esm_path
+
+
+class OomCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "out of GPU memory" in record.getMessage():
+            self.count += 1
+
+
+def timed_run(backend: Any, source: Path, output: Path, device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    sequences, residues = backend.run(source, output)
+    seconds = time.perf_counter() - started
+    figures = {"sequences": sequences, "residues": residues, "seconds": seconds,
+               "sequences_per_s": sequences / seconds, "residues_per_s": residues / seconds}
+    if device.type == "cuda":
+        figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return figures
+
+
+def features(path: Path) -> torch.Tensor:
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    rows = content["data"]
+    if rows and isinstance(rows[0], dict):
+        return torch.tensor([row["mean_representation"] for row in rows])
+    return torch.stack(rows)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The smallest cosine similarity between matching rows."""
+    return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1).min())
+
+
+def run(device_name: str, small: bool, sequences: int) -> dict[str, Any]:
+    device = resolve_device(device_name)
+    results: dict[str, Any] = {"device": device_report(device)}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        root = Path(scratch)
+        started = time.perf_counter()
+        dnabert_dir, esm_path = write_models(root, SMALL if small else FULL)
+        nucleotide, protein = write_inputs(root, sequences)
+        (root / "warmup").mkdir()
+        warmup_nuc, warmup_prot = write_inputs(root / "warmup", 64)
+        results["setup_seconds"] = time.perf_counter() - started
+        for stage, backend_class, model, source, warmup in (
+            ("dnabert", DnabertBackend, dnabert_dir, nucleotide, warmup_nuc),
+            ("esm", EsmBackend, esm_path, protein, warmup_prot),
+        ):
+            started = time.perf_counter()
+            backend = backend_class(model, device=str(device))
+            load_seconds = time.perf_counter() - started
+            backend.run(warmup, root / f"{stage}-warmup.pt")
+            figures = timed_run(backend, source, root / f"{stage}.pt", device)
+            figures["load_seconds"] = load_seconds
+            if device.type == "cuda":
+                # The same checkpoint and inputs on the CPU in fp32: how far do bf16 features stray?
+                cpu = backend_class(model, device="cpu")
+                cpu.run(warmup, root / f"{stage}-cpu.pt")
+                backend.run(warmup, root / f"{stage}-gpu.pt")
+                figures["min_cosine_bf16_vs_fp32"] = agreement(
+                    features(root / f"{stage}-gpu.pt"), features(root / f"{stage}-cpu.pt"))
+                del cpu
+            results[stage] = figures
+            del backend
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if device.type == "cuda":
+            results["oom_recovery"] = oom_recovery(esm_path, protein, root, device)
+    return results
+
+
+def oom_recovery(esm_path: Path, source: Path, root: Path, device: torch.device) -> dict[str, Any]:
+    """Cap this process's GPU memory, ask for one huge batch, and check the file still completes, unchanged."""
+    reference = EsmBackend(esm_path, device=str(device))
+    reference.run(source, root / "oom-reference.pt")
+    weights_gib = torch.cuda.memory_allocated(device) / 2**30
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (weights_gib + 2.0) / total_gib), device)
+    counter = OomCounter()
+    logging.getLogger("virnucpro.backends.common").addHandler(counter)
+    try:
+        reference.token_budget = 10**7
+        figures = timed_run(reference, source, root / "oom.pt", device)
+    finally:
+        logging.getLogger("virnucpro.backends.common").removeHandler(counter)
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return {"memory_cap_gib": weights_gib + 2.0, "halvings": counter.count, "seconds": figures["seconds"],
+            "min_cosine_vs_uncapped": agreement(features(root / "oom.pt"), features(root / "oom-reference.pt"))}
+
+
+@click.command()
+@click.option("--device", default="cuda:0", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--small", is_flag=True, help="Small networks instead of full-size ones (a smoke test).")
+@click.option("--sequences", default=10000, show_default=True, help="Sequences per timed file (one pipeline file).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(device: str, small: bool, sequences: int, json_path: Path | None) -> None:
+    """Check and time everything GPU-specific; print the figures (and write them as JSON)."""
+    logging.basicConfig(level=logging.WARNING)
+    results = run(device, small, sequences)
+    out = io.StringIO()
+    json.dump(results, out, indent=2)
+    click.echo(out.getvalue())
+    if json_path:
+        json_path.write_text(out.getvalue() + "\n")
+
+
+if __name__ == "__main__":
+    main()
