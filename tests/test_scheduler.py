@@ -10,18 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.scheduler import LOST_ASSIGNMENT_GRACE, Assign, Notice, Reregister, Revoke
-from scheduler_sim import (
-    Driver,
-    SimJob,
-    SimWorker,
-    answer_all,
-    assigns,
-    finished,
-    log_records,
-    lower_bound,
-    of_type,
-    simulate,
-)
+from scheduler_sim import Driver, answer_all, assigns, finished, log_records, lower_bound, of_type
+from tools.simulate import SimJob, SimWorker, simulate
 
 TASK_DONE_FIELDS = {
     "event", "time", "job", "stage", "worker", "host", "gpu", "predicted_weight", "file", "sequences", "residues",
