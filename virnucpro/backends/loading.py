@@ -36,9 +36,10 @@ def load_backends(config: "WorkerConfig") -> dict[str, Any]:
     """Load the backend of every stage the worker serves, once."""
     from virnucpro.worker import WorkerSetupError
 
-    paths = model_paths(config.models, config.dnabert_model, config.esm_model)
     backends: dict[str, Any] = {}
+    stage = "model"
     try:
+        paths = model_paths(config.models, config.dnabert_model, config.esm_model)
         for stage in config.stages:
             if stage == "dnabert":
                 from virnucpro.backends.dnabert import DnabertBackend
@@ -50,6 +51,11 @@ def load_backends(config: "WorkerConfig") -> dict[str, Any]:
                 backends[stage] = EsmBackend(paths["esm"], device=config.device)
     except (ModelNotFoundError, ModelFormatError) as exc:
         raise WorkerSetupError(str(exc)) from None
+    except ImportError as exc:
+        raise WorkerSetupError(
+            f"the {stage} backend needs {exc.name or 'a package'} ({exc}); install the models extra: "
+            "pip install 'virnucpro[models]'"
+        ) from None
     except RuntimeError as exc:  # torch: a device that does not exist or is not usable
         raise WorkerSetupError(f"cannot load models on {config.device}: {exc}") from None
     return backends
