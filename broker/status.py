@@ -30,14 +30,14 @@ def _gauges(gauges: dict[str, float] | None) -> tuple[str, str]:
 def status_tables(snapshot: dict[str, Any]) -> list[Table]:
     """The workers table, the jobs table and a counters line, ready to print."""
     workers = Table(title="workers", title_justify="left")
-    for column in ("worker", "gpu", "weight", "observed", "queue", "running", "for", "done",
+    for column in ("worker", "gpu", "weight", "observed", "res/s", "queue", "running", "for", "done",
                    "steals in/out", "gpu util", "gpu mem", "state"):
         workers.add_column(column, justify="right" if column not in ("worker", "gpu", "running", "state") else "left")
     for w in snapshot["workers"]:
         util, memory = _gauges(w.get("gauges"))
         workers.add_row(
             w["worker"], w["gpu"], _weight(w["predicted_weight"]), _weight(w["observed_weight"]),
-            str(w["queue"]), (w["running"] or "").rsplit("/", 1)[-1], _seconds(w["running_for"]),
+            "n/a" if w.get("speed") is None else f"{w['speed']:,.0f}", str(w["queue"]), (w["running"] or "").rsplit("/", 1)[-1], _seconds(w["running_for"]),
             str(w["files_done"]), f"{w['steals_in']}/{w['steals_out']}", util, memory,
             "alive" if w["alive"] else "dead",
         )

@@ -41,7 +41,8 @@ def test_cpu_worker_and_a_machine_without_nvml_report_no_gauges(monkeypatch):
 def snapshot(gauges):
     return {
         "workers": [{"worker": "w", "gpu": "NVIDIA H100 PCIe", "alive": True, "stages": ["esm"],
-                     "predicted_weight": 2.5, "observed_weight": 2.4, "queue": 3, "running": "/d/output_7.fa",
+                     "predicted_weight": 2.5, "observed_weight": 2.4, "speed": 41000.0, "queue": 3,
+                     "running": "/d/output_7.fa",
                      "running_for": 12.0, "files_done": 5, "steals_in": 1, "steals_out": 0, "gauges": gauges}],
         "jobs": [], "counters": {},
     }
@@ -52,5 +53,5 @@ def test_status_shows_gauges_when_reported_and_na_otherwise():
     render_status(snapshot({"gpu_util": 97.0, "mem_used_mib": 40960.0, "mem_total_mib": 81920.0}), console)
     render_status(snapshot(None), console)
     text = console.export_text()
-    assert "97%" in text and "40.0/80 GiB" in text
+    assert "97%" in text and "40.0/80 GiB" in text and "41,000" in text
     assert text.count("n/a") == 2
