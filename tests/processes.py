@@ -38,12 +38,19 @@ class Cluster(LocalCluster):
         with self.client() as client:
             return client.request("status")["status"]
 
+    def _embed_argv(self, output_dir: Path, files: list[Path], flags: tuple[str, ...]) -> list[str]:
+        return [VIRNUCPRO, "embed", "--broker", self.address, "--stage", "synthetic", "-o", str(output_dir),
+                "--timeout", "30", *flags, *map(str, files)]
+
     def embed(self, output_dir: Path, files: list[Path], *flags: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [VIRNUCPRO, "embed", "--broker", self.address, "--stage", "synthetic", "-o", str(output_dir),
-             "--timeout", "30", *flags, *map(str, files)],
-            capture_output=True, text=True, timeout=timeout,
-        )
+        """Run `virnucpro embed` to the end."""
+        return subprocess.run(self._embed_argv(output_dir, files, flags), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start_embed(self, output_dir: Path, files: list[Path], *flags: str) -> subprocess.Popen:
+        """Start `virnucpro embed` and return at once, for tests that act while it runs."""
+        return subprocess.Popen(self._embed_argv(output_dir, files, flags), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def records(self, event: str | None = None) -> list[dict]:
         if not self.log.exists():

@@ -91,11 +91,7 @@ def test_killing_a_worker_mid_job_loses_no_file(tmp_path):
         c.add_worker("a", 4000)
         c.add_worker("b", 4000)
         c.wait_for_workers(3)
-        embed = subprocess.Popen(
-            [VIRNUCPRO, "embed", "--broker", c.address, "--stage", "synthetic", "-o", str(tmp_path / "out"),
-             "--min-workers", "3", *map(str, files)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        embed = c.start_embed(tmp_path / "out", files, "--min-workers", "3")
         deadline = time.monotonic() + 20
         while not any(w["worker"] == "victim" and w["running"] for w in c.status()["workers"]):
             assert time.monotonic() < deadline, "the victim never started a file"
@@ -135,11 +131,7 @@ def test_embed_exits_2_and_lists_the_file_that_failed_with_its_reasons(tmp_path)
     with cluster(tmp_path) as c:
         c.add_worker("a", 3000)
         c.wait_for_workers(1)
-        embed = subprocess.Popen(
-            [VIRNUCPRO, "embed", "--broker", c.address, "--stage", "synthetic", "-o", str(tmp_path / "out"),
-             *map(str, files)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        embed = c.start_embed(tmp_path / "out", files)
         deadline = time.monotonic() + 20
         while not c.status()["jobs"]:
             assert time.monotonic() < deadline, "the job was never submitted"
@@ -294,11 +286,7 @@ def test_a_broker_killed_mid_job_and_restarted_loses_no_finished_file(tmp_path):
         c.add_worker("a", 4000)
         c.add_worker("b", 4000)
         c.wait_for_workers(2)
-        embed = subprocess.Popen(
-            [VIRNUCPRO, "embed", "--broker", c.address, "--stage", "synthetic", "-o", str(tmp_path / "out"),
-             "--min-workers", "2", *map(str, files)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        embed = c.start_embed(tmp_path / "out", files, "--min-workers", "2")
         deadline = time.monotonic() + 30
         while len(c.records("task_done")) < 2:
             assert time.monotonic() < deadline, "no file finished before the broker was to be killed"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from rich.table import Table
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
 from broker.security import SecurityError
+from virnucpro.atomic import write_text_atomically
 from virnucpro.fasta import FastaError, fasta_stats
 from virnucpro.stages import is_complete, output_path
 
@@ -174,11 +174,7 @@ def write_report(plan: Plan, report: dict[str, Any] | None, address: str) -> Pat
     """run_report.json in the output directory, written atomically."""
     document = {"address": address, "stage": plan.stage, "output_dir": str(plan.output_dir),
                 "skipped_complete": len(plan.skipped), **(report or {})}
-    path = plan.output_dir / "run_report.json"
-    temporary = path.with_name(f".run_report.json.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomically(plan.output_dir / "run_report.json", json.dumps(document, indent=2) + "\n")
 
 
 def embed(

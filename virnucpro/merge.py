@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
+from virnucpro.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +136,5 @@ def merge_files(
 
 
 def _save_atomically(content: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save(content, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as handle:
+        torch.save(content, handle)

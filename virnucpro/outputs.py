@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
 
+from virnucpro.atomic import atomic_write
 from virnucpro.classifier import MLPClassifier, label_for, load_classifier, predict_scores
 from virnucpro.merge import load_feature_dict
 
@@ -65,7 +63,7 @@ def write_predictions(
     maxima: dict[str, list[np.float32]] = {}
     frames = 0
     results_path = output_dir / RESULTS_NAME
-    with _written_atomically(results_path) as results:
+    with atomic_write(results_path, newline="\n") as results:
         results.write(RESULTS_HEADER)
         for path in map(Path, merged_paths):
             ids, features = _load_merged(path)
@@ -86,7 +84,7 @@ def write_predictions(
                 best[1] = max(best[1], score2)
             frames += len(ids)
     highestscore_path = output_dir / HIGHESTSCORE_NAME
-    with _written_atomically(highestscore_path) as highestscore:
+    with atomic_write(highestscore_path, newline="\n") as highestscore:
         highestscore.write(HIGHESTSCORE_HEADER)
         for chunk_id in sorted(maxima):
             max_score1, max_score2 = maxima[chunk_id]
@@ -106,16 +104,3 @@ def _load_merged(path: Path) -> tuple[list[str], torch.Tensor]:
             "(the original merge leaves them unfiltered), so merge it again with virnucpro"
         )
     return ids, data.to(torch.float32)
-
-
-@contextlib.contextmanager
-def _written_atomically(path: Path) -> Iterator[IO[str]]:
-    """A text file written beside `path` under a temporary name and renamed only when complete."""
-    # A unique name opened with "x" rather than mkstemp, whose 0600 mode would outlive the rename.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "x", newline="\n") as stream:
-            yield stream
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

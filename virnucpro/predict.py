@@ -27,6 +27,7 @@ from rich.markup import escape
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
 from broker.server import default_log_path
+from virnucpro.atomic import write_text_atomically
 from virnucpro.classifier import ClassifierCheckpointError, MLPClassifier, load_classifier
 from virnucpro.embed import (
     EXIT_ERROR,
@@ -212,7 +213,7 @@ def split_input(options: PredictOptions, work_dir: Path, console: Console) -> li
     pairs = split_into_files(options.input_fasta, work_dir, options.expected_length, sequences_per_file)
     files = [{"index": p.index, "nucleotide": str(p.nucleotide.relative_to(work_dir)),
               "protein": str(p.protein.relative_to(work_dir)), "sequences": p.sequences} for p in pairs]
-    _write_atomically(manifest_path, json.dumps({**identity, "files": files}, indent=2) + "\n")
+    write_text_atomically(manifest_path, json.dumps({**identity, "files": files}, indent=2) + "\n")
     console.print(f"split: {sum(p.sequences for p in pairs):,} frames into {len(pairs)} file pairs "
                   f"of up to {sequences_per_file:,} sequences", markup=False)
     return pairs
@@ -227,18 +228,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not {"sequences_per_file", "files"} <= manifest.keys():
         raise PredictError(f"{path}: lacks the list of split files; start a new run with another -o")
     return manifest
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 # --------------------------------------------------- broker and workers here
@@ -434,7 +423,7 @@ def write_failed_files(output_dir: Path, pairs: Sequence[FilePair], work_dir: Pa
                 rows.append(f"{stage}\t{source}\t{' '.join(reason.split())}")
     path = output_dir / FAILED_FILES_NAME
     if rows:
-        _write_atomically(path, "stage\tfile\treasons\n" + "\n".join(rows) + "\n")
+        write_text_atomically(path, "stage\tfile\treasons\n" + "\n".join(rows) + "\n")
     else:
         path.unlink(missing_ok=True)
     return rows

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from virnucpro.atomic import write_text_atomically
 from virnucpro.pipeline.gpu_weights import WeightTable, name_tokens
 
 STAGES = ("all", "dnabert", "esm")
@@ -504,13 +503,4 @@ def write_weight_file(path: str | Path, weights: Mapping[str, float], header: Se
         # JSON string escapes (with raw non-ASCII) are valid TOML basic strings.
         lines.append(f"{json.dumps(key, ensure_ascii=False)} = {_weight_text(weight)}")
     text = "\n".join(lines) + "\n"
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomically(path, text)

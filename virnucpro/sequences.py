@@ -7,14 +7,13 @@ is split as easily as a small one.
 
 from __future__ import annotations
 
-import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice, product
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import Iterable, Iterator
 
+from virnucpro.atomic import atomic_write
 from virnucpro.fasta import FastaError, read_fasta
 
 EXPECTED_LENGTHS = (300, 500)
@@ -143,7 +142,8 @@ def split_into_files(
         nucleotide_path = nucleotide_dir / f"output_{index}.fa"
         protein_path = protein_dir / f"output_{index}.fa"
         count = 0
-        with _atomic_text_file(nucleotide_path) as nucleotide_out, _atomic_text_file(protein_path) as protein_out:
+        with atomic_write(nucleotide_path, encoding="ascii") as nucleotide_out, \
+                atomic_write(protein_path, encoding="ascii") as protein_out:
             for frame_id, nucleotide, protein in chain([first_frame], islice(frames, sequences_per_file - 1)):
                 nucleotide_out.write(f">{frame_id}\n{nucleotide}\n")
                 protein_out.write(f">{frame_id}\n{protein}\n")
@@ -155,19 +155,3 @@ def split_into_files(
             f"codon or no complete ACGT codon; check that the file holds nucleotide reads"
         )
     return pairs
-
-
-@contextmanager
-def _atomic_text_file(path: Path) -> Iterator[IO[str]]:
-    """Write to a temporary name beside `path`, then rename: a crash never leaves a partial `path`."""
-    # A dot-name with a .tmp suffix is never taken for an output_k.fa by a glob.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="ascii") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from virnucpro.atomic import atomic_write
 from virnucpro.classifier import MLPClassifier, classifier_bytes
 
 if TYPE_CHECKING:
@@ -193,12 +194,8 @@ def _torch_bytes(content: object) -> bytes:
 
 
 def _publish_file(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
 
 
 def _publish_directory(path: Path, write: Callable[[Path], None]) -> None:
