@@ -1,8 +1,9 @@
 """Scheduler core: a pure state machine from broker events to instructions.
 
-No sockets, threads or clock: the server (or the simulator in tools/) feeds it
+No sockets, threads or clock: the server (or broker.simulator) feeds it
 events that carry the current time and performs the instructions it returns.
-Policy, in DESIGN.md's words:
+The vocabulary is in broker.events, the records in broker.state, what it
+reports in broker.reports. Policy (docs/architecture.md):
 
 - seeding: a submitted job's files go to the capable workers by weighted
   bin-packing (largest first, to the worker that would finish it earliest);
@@ -18,11 +19,31 @@ Policy, in DESIGN.md's words:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 from sortedcontainers import SortedList
 
+from broker.events import (
+    Assign,
+    Event,
+    Heartbeat,
+    Instruction,
+    JobCancelled,
+    JobFinished,
+    JobSubmitted,
+    Log,
+    Notice,
+    Reregister,
+    Revoke,
+    TaskFailed,
+    TaskSucceeded,
+    Tick,
+    WorkerJoined,
+    WorkerLeft,
+    WorkRequested,
+)
+from broker.reports import SUMMARY_FIELDS, job_report, status_snapshot
+from broker.state import Job, Task, Worker, WorkerStats
 from virnucpro.pipeline.gpu_weights import assign_files_weighted
 
 # Weight of the newest file in a worker's moving-average speed.
@@ -35,226 +56,6 @@ VICTIMS_CONSIDERED = 3
 TAIL_SCAN = 16
 # Ended jobs kept for status and late results; older ones are forgotten so a long-lived broker stays small.
 KEEP_ENDED_JOBS = 100
-
-
-# ----------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    """One input file of a job, measured by the client at submission."""
-
-    path: str
-    output: str
-    sequences: int
-    residues: int
-
-
-@dataclass(frozen=True)
-class WorkerJoined:
-    worker: str
-    name: str
-    host: str
-    gpu: str
-    weight: float
-    stages: tuple[str, ...]
-    now: float
-
-
-@dataclass(frozen=True)
-class WorkRequested:
-    worker: str
-    now: float
-
-
-@dataclass(frozen=True)
-class TaskSucceeded:
-    worker: str
-    task: str
-    seconds: float
-    skipped: bool
-    now: float
-
-
-@dataclass(frozen=True)
-class TaskFailed:
-    worker: str
-    task: str
-    reason: str
-    now: float
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    worker: str
-    task: str | None
-    now: float
-    gauges: dict[str, float] | None = None
-
-
-@dataclass(frozen=True)
-class WorkerLeft:
-    worker: str
-    now: float
-
-
-@dataclass(frozen=True)
-class Tick:
-    now: float
-
-
-@dataclass(frozen=True)
-class JobSubmitted:
-    job: str
-    stage: str
-    output_dir: str
-    files: tuple[FileSpec, ...]
-    weighted: bool
-    steal: bool
-    now: float
-
-
-@dataclass(frozen=True)
-class JobCancelled:
-    job: str
-    now: float
-
-
-Event = (
-    WorkerJoined | WorkRequested | TaskSucceeded | TaskFailed | Heartbeat | WorkerLeft | Tick | JobSubmitted | JobCancelled
-)
-
-# ----------------------------------------------------------- instructions
-
-
-@dataclass(frozen=True)
-class Assign:
-    """Send file `path` to `worker`; it writes `output`."""
-
-    worker: str
-    task: str
-    job: str
-    stage: str
-    path: str
-    output: str
-
-
-@dataclass(frozen=True)
-class Revoke:
-    """Tell `worker` to stop running `task` (its job was cancelled or finished without it)."""
-
-    worker: str
-    task: str
-
-
-@dataclass(frozen=True)
-class Reregister:
-    """`worker` is unknown or was declared dead: it must register again."""
-
-    worker: str
-
-
-@dataclass(frozen=True)
-class JobFinished:
-    job: str
-    report: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Log:
-    """Append `record` to the throughput log."""
-
-    record: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Notice:
-    """A line for the broker's own log."""
-
-    text: str
-
-
-Instruction = Assign | Revoke | Reregister | JobFinished | Log | Notice
-
-# ------------------------------------------------------------------ state
-
-
-@dataclass
-class Task:
-    id: str
-    job: "Job"
-    index: int
-    spec: FileSpec
-    seeded_to: str | None = None
-    owner: str | None = None  # worker whose queue holds it, while queued
-    state: str = "queued"  # queued | running | done | failed | cancelled
-    running_on: set[str] = field(default_factory=set)  # living workers running a copy
-    lost_to: set[str] = field(default_factory=set)  # workers taken out while running it; their result still counts
-    excluded: set[str] = field(default_factory=set)  # workers it failed on
-    attempts: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def cost(self) -> int:
-        return self.spec.residues
-
-    @property
-    def key(self) -> tuple[int, int, int, str]:
-        # Queue order: older job first, then largest file first.
-        return (self.job.seq, -self.cost, self.index, self.id)
-
-
-@dataclass
-class WorkerStats:
-    files: int = 0
-    residues: int = 0
-    busy_seconds: float = 0.0
-    stolen: int = 0
-
-
-@dataclass
-class Worker:
-    id: str
-    name: str
-    host: str
-    gpu: str
-    weight: float
-    stages: tuple[str, ...]
-    last_seen: float
-    alive: bool = True
-    running: str | None = None
-    running_since: float = 0.0
-    idle_since: float = 0.0
-    queue: SortedList = field(default_factory=SortedList)
-    queued_cost: int = 0
-    speed: float | None = None  # observed residues/s, moving average
-    finish_key: tuple[float, str] | None = None  # its entry in Scheduler._finishers
-    done_files: int = 0
-    steals_in: int = 0
-    steals_out: int = 0
-    gauges: dict[str, float] | None = None
-    per_job: dict[str, WorkerStats] = field(default_factory=dict)
-
-
-@dataclass
-class Job:
-    id: str
-    seq: int
-    stage: str
-    output_dir: str
-    weighted: bool
-    steal: bool
-    submitted: float
-    tasks: list[Task] = field(default_factory=list)
-    done: int = 0
-    failed: int = 0
-    residues_done: int = 0
-    steals: int = 0
-    finished: float | None = None
-    state: str = "running"  # running | finished | cancelled
-
-    @property
-    def open(self) -> bool:
-        return self.state == "running"
 
 
 class Scheduler:
@@ -289,6 +90,20 @@ class Scheduler:
             JobCancelled: self._on_cancelled,
         }
 
+    @property
+    def unowned_count(self) -> int:
+        """Queued files no living worker can run yet."""
+        return len(self.unowned)
+
+    @property
+    def measured(self) -> bool:
+        """True once a living worker has an observed speed."""
+        return self._measured_weight > 0
+
+    def status(self, now: float) -> dict[str, Any]:
+        """A snapshot of workers, jobs and counters for `virnucpro-broker status`."""
+        return status_snapshot(self, now)
+
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what the server must do, in order."""
         return self._handlers[type(event)](event)
@@ -299,7 +114,7 @@ class Scheduler:
 
     # ------------------------------------------------------------ speeds
 
-    def _scale(self) -> float:
+    def scale(self) -> float:
         """Residues/s per unit of weight, from the living workers measured so far (1.0 before any)."""
         return self._measured_speed / self._measured_weight if self._measured_weight > 0 else 1.0
 
@@ -332,7 +147,7 @@ class Scheduler:
         """Observed speed once measured, else the weight on the measured workers' scale."""
         if worker.speed:
             return worker.speed
-        return worker.weight * (self._scale() if scale is None else scale)
+        return worker.weight * (self.scale() if scale is None else scale)
 
     def predicted_finish(self, worker: Worker, now: float, scale: float | None = None) -> float:
         """When `worker` would finish its running file and then its queue."""
@@ -354,7 +169,7 @@ class Scheduler:
 
     def _reindex_unmeasured(self) -> None:
         # A new measurement moves the scale, and with it every unmeasured worker's prediction.
-        scale = self._scale()
+        scale = self.scale()
         for worker in self._unmeasured.values():
             if worker.queue:
                 self._reindex(worker, scale)
@@ -378,7 +193,7 @@ class Scheduler:
         else:
             self.unowned.discard(task.key)
 
-    def _capable(self, stage: str) -> list[Worker]:
+    def capable(self, stage: str) -> list[Worker]:
         return [w for w in self.workers.values() if w.alive and stage in w.stages]
 
     def _distribute(self, tasks: Iterable[Task], now: float, weights_from: str) -> None:
@@ -393,12 +208,12 @@ class Scheduler:
             task.state = "queued"
             by_stage.setdefault(task.job.stage, []).append(task)
         for stage, group in by_stage.items():
-            workers = self._capable(stage)
+            workers = self.capable(stage)
             if not workers:
                 for task in group:
                     self.unowned.add(task.key)
                 continue
-            scale = self._scale()
+            scale = self.scale()
             if weights_from == "speed":
                 weights = [self.speed_of(w, scale) for w in workers]
                 loads = [(self.predicted_finish(w, now, scale) - now) * s for w, s in zip(workers, weights)]
@@ -670,7 +485,7 @@ class Scheduler:
             task.state = "cancelled"
         job.state = "cancelled"
         job.finished = event.now
-        out.append(JobFinished(job.id, self.report(job)))
+        out.append(JobFinished(job.id, job_report(job, self.workers.values())))
         self._forget_old_jobs()
         return out + self._dispatch(event.now)
 
@@ -708,11 +523,11 @@ class Scheduler:
         """A file goes back to a worker it failed on only when it failed on every capable living worker."""
         if worker.id not in task.excluded:
             return True
-        return all(w.id in task.excluded for w in self._capable(task.job.stage))
+        return all(w.id in task.excluded for w in self.capable(task.job.stage))
 
     def _steal_for(self, thief: Worker, now: float) -> Task | None:
         """The last queued file of a late finisher, if the thief would finish it before its owner."""
-        scale = self._scale()
+        scale = self.scale()
         thief_speed = self.speed_of(thief, scale)
         considered = 0
         for _, victim_id in reversed(self._finishers):
@@ -739,14 +554,14 @@ class Scheduler:
                 owner_finish -= task.cost / victim_speed
         return None
 
-    # ------------------------------------------------------------ reports
+    # ---------------------------------------------------------- endings
 
     def _maybe_finish(self, job: Job, now: float) -> list[Instruction]:
         if not job.open or job.done + job.failed < len(job.tasks):
             return []
         job.state = "finished"
         job.finished = now
-        report = self.report(job)
+        report = job_report(job, self.workers.values())
         out: list[Instruction] = [
             Log({"event": "worker_summary", "time": now, "job": job.id, "stage": job.stage,
                  **{k: row[k] for k in SUMMARY_FIELDS}})
@@ -764,97 +579,3 @@ class Scheduler:
             for worker in self.workers.values():
                 worker.per_job.pop(job.id, None)
             del self.jobs[job.id]
-
-    def report(self, job: Job) -> dict[str, Any]:
-        """The per-worker figures, makespan, steals and failures of a job."""
-        rows = []
-        for worker in self.workers.values():
-            stats = worker.per_job.get(job.id)
-            if stats is not None and stats.files:
-                speed = stats.residues / stats.busy_seconds if stats.busy_seconds > 0 else 0.0
-                rows.append((worker, stats, speed))
-        sum_predicted = sum(w.weight for w, _, _ in rows)
-        sum_speed = sum(speed for _, _, speed in rows)
-        workers = [
-            {
-                "worker": w.name, "host": w.host, "gpu": w.gpu, "predicted_weight": w.weight,
-                "observed_weight": speed * sum_predicted / sum_speed if sum_speed > 0 else None,
-                "files": s.files, "residues": s.residues, "busy_seconds": s.busy_seconds,
-                "residues_per_s": speed, "stolen_files": s.stolen,
-            }
-            for w, s, speed in rows
-        ]
-        costs = [t.cost for t in job.tasks if t.state == "done"]
-        speeds = [speed for _, _, speed in rows if speed > 0]
-        lower_bound = makespan_lower_bound(costs, speeds) if costs and speeds else None
-        return {
-            "job": job.id, "stage": job.stage, "state": job.state, "weighted": job.weighted, "steal": job.steal,
-            "files": len(job.tasks), "done": job.done, "failed": job.failed, "steals": job.steals,
-            "submitted": job.submitted, "finished": job.finished,
-            "makespan": job.finished - job.submitted if job.finished is not None else None,
-            "lower_bound": lower_bound,
-            "failures": [{"file": t.spec.path, "attempts": list(t.attempts)} for t in job.tasks if t.state == "failed"],
-            "workers": workers,
-        }
-
-    def progress(self, job: Job) -> dict[str, Any]:
-        """Counts a waiting client shows."""
-        return {
-            "files": len(job.tasks), "done": job.done, "failed": job.failed,
-            "running": sum(1 for t in job.tasks if t.state == "running"),
-            "residues": sum(t.cost for t in job.tasks), "residues_done": job.residues_done, "steals": job.steals,
-        }
-
-    def _eta(self, job: Job, scale: float) -> float | None:
-        """Seconds until the job's remaining residues are done at the capable workers' combined speed."""
-        if not job.open:
-            return None
-        speed = sum(self.speed_of(w, scale) for w in self._capable(job.stage))
-        remaining = sum(t.cost for t in job.tasks if t.state in ("queued", "running"))
-        return remaining / speed if speed > 0 and self._measured_weight > 0 else None
-
-    def status(self, now: float) -> dict[str, Any]:
-        """A snapshot of workers, jobs and counters for `virnucpro-broker status`."""
-        scale = self._scale()
-        workers = []
-        for w in self.workers.values():
-            running = self.tasks.get(w.running) if w.running else None
-            workers.append({
-                "worker": w.name, "host": w.host, "gpu": w.gpu, "alive": w.alive, "stages": list(w.stages),
-                "predicted_weight": w.weight, "observed_weight": w.speed / scale if w.speed else None,
-                "speed": w.speed, "queue": len(w.queue), "queued_residues": w.queued_cost,
-                "running": running.spec.path if running else None,
-                "running_for": now - w.running_since if running else None,
-                "files_done": w.done_files, "steals_in": w.steals_in, "steals_out": w.steals_out,
-                "silent_for": now - w.last_seen, "gauges": w.gauges,
-            })
-        jobs = [
-            {"job": j.id, "stage": j.stage, "state": j.state, "weighted": j.weighted, "steal": j.steal,
-             "submitted": j.submitted, "eta_seconds": self._eta(j, scale), **self.progress(j)}
-            for j in self.jobs.values()
-        ]
-        return {"workers": workers, "jobs": jobs, "unowned": len(self.unowned), "counters": dict(self.counters)}
-
-
-SUMMARY_FIELDS = (
-    "worker", "gpu", "predicted_weight", "observed_weight", "files", "residues", "busy_seconds", "residues_per_s",
-)
-
-
-def makespan_lower_bound(costs: Sequence[float], speeds: Sequence[float]) -> float:
-    """The shortest possible makespan of files with these costs on workers of these speeds.
-
-    Even with files split at will, the k largest files need the k fastest
-    workers for at least (their cost) / (those speeds), and everything needs
-    total / (all speeds). The maximum over k includes DESIGN.md's
-    max(total / sum of speeds, largest / fastest) and is at least as tight.
-    """
-    largest = sorted(costs, reverse=True)
-    fastest = sorted(speeds, reverse=True)
-    bound = sum(largest) / sum(fastest)
-    cost_sum = speed_sum = 0.0
-    for cost, speed in zip(largest, fastest[:-1]):
-        cost_sum += cost
-        speed_sum += speed
-        bound = max(bound, cost_sum / speed_sum)
-    return bound

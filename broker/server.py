@@ -20,7 +20,7 @@ import zmq
 from broker import protocol
 from broker.protocol import ProtocolError
 from broker.security import secure_server
-from broker.scheduler import (
+from broker.events import (
     Assign,
     FileSpec,
     Heartbeat,
@@ -32,7 +32,6 @@ from broker.scheduler import (
     Notice,
     Reregister,
     Revoke,
-    Scheduler,
     TaskFailed,
     TaskSucceeded,
     Tick,
@@ -40,6 +39,8 @@ from broker.scheduler import (
     WorkerLeft,
     WorkRequested,
 )
+from broker.reports import job_progress
+from broker.scheduler import Scheduler
 from virnucpro.pipeline.gpu_weights import WeightTable
 
 logger = logging.getLogger("virnucpro.broker")
@@ -219,7 +220,7 @@ class BrokerServer:
             self._send(identity, "error", reason=f"unknown job {job_id!r} (the broker may have restarted)")
             return
         self._send(identity, "job_state", job=job_id, state=job.state,
-                   progress=self.scheduler.progress(job), report=self.reports.get(job_id))
+                   progress=job_progress(job), report=self.reports.get(job_id))
 
     def _send(self, identity: bytes, kind: str, **fields: Any) -> None:
         self._socket.send_multipart([identity, protocol.encode(kind, **fields)])

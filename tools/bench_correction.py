@@ -20,9 +20,9 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from broker.scheduler import makespan_lower_bound
-from virnucpro.embed import plan_job, run_job
-from virnucpro.local import LocalCluster
+from broker.reports import makespan_lower_bound
+from virnucpro.client.embed import plan_job, run_job
+from virnucpro.client.local import LocalCluster
 
 SPEEDS = (2000.0, 2000.0, 6000.0)
 GPU = "NVIDIA GeForce RTX 3090"

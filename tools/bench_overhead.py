@@ -23,7 +23,7 @@ import click
 import zmq
 
 from broker import protocol
-from virnucpro.local import LocalCluster, free_loopback_address
+from virnucpro.client.local import LocalCluster, free_loopback_address
 
 WORKERS = 16
 

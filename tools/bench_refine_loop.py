@@ -20,10 +20,10 @@ import click
 from rich.console import Console
 
 from bench_correction import write_inputs
-from virnucpro.embed import plan_job, run_job
-from virnucpro.local import LocalCluster
+from virnucpro.client.embed import plan_job, run_job
+from virnucpro.client.local import LocalCluster
 from virnucpro.pipeline.gpu_weights import load_weight_table
-from virnucpro.refine import read_throughput_logs, refine_weights, write_weight_file
+from virnucpro.weights.refine import read_throughput_logs, refine_weights, write_weight_file
 
 BASE = 2000.0
 WORKERS = (("NVIDIA GeForce RTX 3090", 1.0), ("NVIDIA GeForce RTX 4090", 1.8), ("NVIDIA H100 80GB HBM3", 3.6))

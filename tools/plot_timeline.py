@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from virnucpro.pipeline.gpu_weights import WeightFileError, WeightTable, load_weight_table  # noqa: E402
-from virnucpro.refine import TaskDone, ThroughputLog, ThroughputLogError, read_throughput_logs  # noqa: E402
+from virnucpro.weights.refine import TaskDone, ThroughputLog, ThroughputLogError, read_throughput_logs  # noqa: E402
 
 SEEDED_COLOUR = "#4e79a7"
 STOLEN_COLOUR = "#f28e2b"

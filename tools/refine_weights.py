@@ -5,7 +5,7 @@ The same command as `virnucpro weights refine`; see virnucpro/refine.py for the 
 
 from __future__ import annotations
 
-from virnucpro.weights_cli import refine
+from virnucpro.weights.cli import refine
 
 if __name__ == "__main__":
     refine.main(prog_name="refine_weights.py")

@@ -1,227 +1,25 @@
-"""The scheduling simulator: the real scheduler core against workers of given true speeds, in simulated time.
-
-The core that ships is driven by a discrete-event loop instead of sockets:
-each file takes cost / true speed seconds, living workers heartbeat every
-second, the broker ticks every second, and a worker that dies never answers
-again. So a policy measured here is the policy the broker runs, at any scale,
-in seconds of real time. The command compares the policies on a sample of
-VirNucPro's size for a given set of GPUs:
+"""Compare scheduling policies on a sample of VirNucPro's size, in simulated time, for a given set of GPUs.
 
     python tools/simulate.py --gpus "RTX 3090,RTX 4090" [--files 1760] [--true "RTX 4090=1.8"]
 
-The tests drive the same `simulate` for their property and makespan checks.
+Runs the broker's own scheduler core through broker.simulator, so a policy
+measured here is the policy the broker runs.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from broker.scheduler import (
-    Assign,
-    FileSpec,
-    Heartbeat,
-    JobFinished,
-    JobSubmitted,
-    Log,
-    Reregister,
-    Revoke,
-    Scheduler,
-    TaskFailed,
-    TaskSucceeded,
-    Tick,
-    WorkerJoined,
-    WorkRequested,
-    makespan_lower_bound,
-)
+from broker.reports import makespan_lower_bound
+from broker.simulator import SimJob, SimWorker, simulate
 from virnucpro.pipeline.gpu_weights import load_weight_table
 
-STAGE = "synthetic"
-
-
-def file_specs(costs: Sequence[int], prefix: str = "f") -> tuple[FileSpec, ...]:
-    """One FileSpec per cost, named `{prefix}{index}.fa`; one sequence per 100 residues."""
-    return tuple(
-        FileSpec(path=f"{prefix}{i}.fa", output=f"out/{prefix}{i}.npy", sequences=max(1, cost // 100), residues=cost)
-        for i, cost in enumerate(costs)
-    )
-
-
-@dataclass
-class SimWorker:
-    id: str
-    weight: float  # what the table predicts
-    speed: float  # true residues per second
-    joins_at: float = 0.0
-    dies_at: float | None = None  # from then on it never answers
-    stall: tuple[float, float] | None = None  # cut off in both directions between these times; runs on meanwhile
-    stages: tuple[str, ...] = (STAGE,)
-
-
-@dataclass
-class SimJob:
-    id: str
-    costs: Sequence[int]
-    weighted: bool = False
-    steal: bool = True
-    at: float = 0.0
-    poison: frozenset[int] = frozenset()  # file indices that fail on every worker
-
-
-@dataclass
-class SimResult:
-    scheduler: Scheduler
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
-    finished_at: dict[str, float] = field(default_factory=dict)
-    task_done: list[dict[str, Any]] = field(default_factory=list)
-    worker_summaries: list[dict[str, Any]] = field(default_factory=list)
-    assigns: list[tuple[float, Assign]] = field(default_factory=list)
-    assigns_to_dead: list[tuple[float, Assign]] = field(default_factory=list)  # to a worker the core declared dead
-    assigns_to_busy: list[tuple[float, Assign]] = field(default_factory=list)  # to a worker already running a file
-    reregisters: list[tuple[float, str]] = field(default_factory=list)
-    end: float = 0.0
-
-
-def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_timeout: float = 10.0,
-             max_attempts: int = 3, horizon: float = 100_000.0) -> SimResult:
-    """Play `workers` against the core until every job finished or `horizon` seconds of simulated time passed."""
-    scheduler = Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts)
-    result = SimResult(scheduler=scheduler)
-    by_id = {w.id: w for w in workers}
-    joined: set[str] = set()
-    crashed: set[str] = set()
-    running: dict[str, str | None] = {w.id: None for w in workers}
-    token: dict[str, int] = {w.id: 0 for w in workers}
-    costs = {job.id: list(job.costs) for job in jobs}
-    poison = {job.id: job.poison for job in jobs}
-    seq = itertools.count()
-    pending: list[tuple[float, int, str, Any]] = []
-
-    def push(t: float, kind: str, payload: Any = None) -> None:
-        heapq.heappush(pending, (t, next(seq), kind, payload))
-
-    for w in workers:
-        push(w.joins_at, "join", w.id)
-        if w.dies_at is not None:
-            push(w.dies_at, "die", w.id)
-    for job in jobs:
-        push(job.at, "submit", job)
-    push(1.0, "tick")
-
-    def stalled(wid: str, now: float) -> bool:
-        stall = by_id[wid].stall
-        return stall is not None and stall[0] <= now < stall[1]
-
-    def perform(out: list[Any], now: float) -> None:
-        for instruction in out:
-            if isinstance(instruction, Assign):
-                result.assigns.append((now, instruction))
-                wid = instruction.worker
-                if not scheduler.workers[wid].alive:
-                    result.assigns_to_dead.append((now, instruction))
-                if wid in crashed or stalled(wid, now):
-                    continue  # lost: a dead worker never answers
-                if running[wid] is not None:
-                    result.assigns_to_busy.append((now, instruction))
-                    continue  # the real worker ignores it
-                running[wid] = instruction.task
-                token[wid] += 1
-                job_id, index = instruction.task.rsplit(":", 1)
-                if int(index) in poison[job_id]:
-                    push(now + 0.5, "fail", (wid, instruction.task, token[wid]))
-                else:
-                    seconds = costs[job_id][int(index)] / by_id[wid].speed
-                    push(now + seconds, "done", (wid, instruction.task, token[wid], seconds))
-            elif isinstance(instruction, Revoke):
-                wid = instruction.worker
-                if wid not in crashed and not stalled(wid, now) and running[wid] == instruction.task:
-                    running[wid] = None
-                    token[wid] += 1
-                    push(now, "revoked", (wid, instruction.task))
-            elif isinstance(instruction, Reregister):
-                result.reregisters.append((now, instruction.worker))
-                if instruction.worker not in crashed and not stalled(instruction.worker, now):
-                    push(now, "rejoin", instruction.worker)
-            elif isinstance(instruction, JobFinished):
-                result.reports[instruction.job] = instruction.report
-                result.finished_at[instruction.job] = now
-            elif isinstance(instruction, Log):
-                if instruction.record["event"] == "task_done":
-                    result.task_done.append(instruction.record)
-                elif instruction.record["event"] == "worker_summary":
-                    result.worker_summaries.append(instruction.record)
-
-    now = 0.0
-    while pending and len(result.reports) < len(jobs):
-        now, _, kind, payload = heapq.heappop(pending)
-        if now > horizon:
-            break
-        if kind in ("join", "rejoin", "done", "fail", "revoked"):
-            wid = payload if isinstance(payload, str) else payload[0]
-            if stalled(wid, now):
-                push(by_id[wid].stall[1], kind, payload)  # its messages wait for the link to come back
-                continue
-        if kind == "rejoin":
-            # A worker told to register again does so; it keeps running its file and asks for work only when idle.
-            w = by_id[payload]
-            if payload in crashed:
-                continue
-            perform(scheduler.handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now)), now)
-            if running[payload] is None:
-                perform(scheduler.handle(WorkRequested(w.id, now)), now)
-        elif kind == "join":
-            w = by_id[payload]
-            if payload in crashed:
-                continue
-            joined.add(payload)
-            running[payload] = None
-            token[payload] += 1
-            perform(scheduler.handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now)), now)
-            perform(scheduler.handle(WorkRequested(w.id, now)), now)
-        elif kind == "die":
-            crashed.add(payload)
-        elif kind == "submit":
-            job: SimJob = payload
-            perform(scheduler.handle(JobSubmitted(job.id, STAGE, f"out/{job.id}", file_specs(job.costs, f"{job.id}-"),
-                                                  job.weighted, job.steal, now)), now)
-        elif kind in ("done", "fail"):
-            wid, task, tok = payload[:3]
-            if wid in crashed or token[wid] != tok:
-                continue
-            running[wid] = None
-            if kind == "done":
-                perform(scheduler.handle(TaskSucceeded(wid, task, payload[3], False, now)), now)
-            else:
-                perform(scheduler.handle(TaskFailed(wid, task, f"poison file on {wid}", now)), now)
-            perform(scheduler.handle(WorkRequested(wid, now)), now)
-        elif kind == "revoked":
-            wid, task = payload
-            if wid in crashed:
-                continue
-            perform(scheduler.handle(TaskFailed(wid, task, "revoked by the broker", now)), now)
-            if running[wid] is None:
-                perform(scheduler.handle(WorkRequested(wid, now)), now)
-        elif kind == "tick":
-            for wid in sorted(joined - crashed):
-                if stalled(wid, now):
-                    continue
-                perform(scheduler.handle(Heartbeat(wid, running[wid], now)), now)
-            perform(scheduler.handle(Tick(now)), now)
-            push(now + 1.0, "tick")
-    result.end = now
-    return result
-
-
-
-
-# One 10,000-sequence protein file (mean 51 aa) and the RTX 4090's ESM-2 time for it (PIPELINE.md).
+# One 10,000-sequence protein file (mean 51 aa) and the RTX 4090's ESM-2 time for it (docs/method.md).
 FILE_RESIDUES = 510_000
 ESM_4090_SECONDS = 31.0
 POLICIES = (("equal split (the old static one)", False, False), ("--weighted", True, False),

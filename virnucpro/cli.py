@@ -14,7 +14,7 @@ from broker import protocol
 from broker.client import broker_address
 from virnucpro import __version__
 from virnucpro.stages import STAGES
-from virnucpro.weights_cli import weights
+from virnucpro.weights.cli import weights
 
 BROKER_HELP = f"Broker address [default: ${protocol.ADDRESS_ENV} or {protocol.DEFAULT_ADDRESS}]."
 
@@ -57,7 +57,8 @@ def worker(address: str | None, device: str, gpu_name: str | None, synthetic_spe
     the worker's files to the others at once.
     """
     from broker.security import SecurityError
-    from virnucpro.worker import Worker, WorkerConfig, WorkerSetupError, open_backends
+    from virnucpro.worker.config import WorkerConfig, WorkerSetupError, open_backends
+    from virnucpro.worker.process import Worker
 
     config = WorkerConfig(
         broker=broker_address(address), device=device, name=name, gpu_name=gpu_name,
@@ -97,7 +98,7 @@ def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, ste
     Exit status: 0 all files done, 2 some failed (listed with reasons), 1 the
     job could not run (bad input, no broker, too few workers).
     """
-    from virnucpro.embed import embed as run_embed
+    from virnucpro.client.embed import embed as run_embed
 
     sys.exit(run_embed(broker_address(address), stage, files, output_dir, weighted=weighted, steal=steal,
                        min_workers=min_workers, timeout=timeout))
@@ -171,8 +172,8 @@ def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_pat
     and the predictions cover the rest); 1 error; 130 interrupted. After an
     interruption or a failure, rerun the same command with --resume.
     """
-    from virnucpro.predict import PredictOptions
-    from virnucpro.predict import predict as run_predict
+    from virnucpro.client.predict import PredictOptions
+    from virnucpro.client.predict import predict as run_predict
 
     sys.exit(run_predict(PredictOptions(
         input_fasta=input_fasta, output_dir=output_dir, expected_length=expected_length, model_path=model_path,

@@ -1,19 +1,13 @@
-"""What each embedding stage writes, when an output counts as finished, and how it is published."""
+"""The stages a worker serves: what each writes for an input, and when an output counts as finished."""
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".faa", ".fas")
-
-
-class Cancelled(Exception):
-    """The broker revoked the task while it ran; no output is published."""
 
 
 @dataclass(frozen=True)
@@ -67,52 +61,3 @@ def is_complete(path: str | Path) -> bool:
         return True
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return False
-
-
-def publish(temporary: Path, final: Path) -> bool:
-    """Give a fully written temporary file its final name, unless another copy got there first.
-
-    The data is flushed to disk before the name appears, and the name is
-    created with a hard link, which fails rather than replace an existing
-    file: an output is written exactly once even when two workers finish
-    the same file. Returns False (and removes `temporary`) if a complete
-    output already existed.
-    """
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    try:
-        os.link(temporary, final)
-    except FileExistsError:
-        if is_complete(final):
-            published = False
-        else:
-            # A damaged leftover (truncated by hand, a disk error) is not an output: replace it.
-            os.replace(temporary, final)
-            published = True
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
-            raise
-        # A file system without hard links: rename is still atomic, last writer wins.
-        if final.exists():
-            published = False
-        else:
-            os.replace(temporary, final)
-            return True
-    else:
-        published = True
-    temporary.unlink(missing_ok=True)
-    _sync_directory(final.parent)
-    return published
-
-
-def _sync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the data itself is already synced
-    finally:
-        os.close(fd)

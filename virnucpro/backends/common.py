@@ -10,13 +10,11 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from virnucpro.fasta import FastaError, read_fasta
+from virnucpro.pipeline.fasta import FastaError, read_fasta
 
-# The worker catches this class by the name it imports from stages; one class, two import paths.
-from virnucpro.stages import Cancelled
+from virnucpro.backends.interface import Cancelled
 
 __all__ = [
-    "Cancelled",
     "ModelFormatError",
     "ModelNotFoundError",
     "autocast_dtype",

@@ -21,7 +21,7 @@ from virnucpro.backends.common import (
     read_records,
     resolve_device,
 )
-from virnucpro.fasta import FastaError
+from virnucpro.pipeline.fasta import FastaError
 
 logger = logging.getLogger(__name__)
 

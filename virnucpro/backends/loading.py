@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from virnucpro.backends.common import ModelFormatError, ModelNotFoundError
-
-if TYPE_CHECKING:
-    from virnucpro.worker import WorkerConfig
+from virnucpro.backends.interface import Backend
 
 
 def tiny_models_dir() -> Path:
@@ -32,30 +29,25 @@ def model_paths(models: str, dnabert_model: str | None, esm_model: str | None) -
     return {"dnabert": dnabert_model or DNABERT_S_MODEL, "esm": esm_model or ESM2_3B_MODEL, "classifier": None}
 
 
-def load_backends(config: "WorkerConfig") -> dict[str, Any]:
-    """Load the backend of every stage the worker serves, once."""
-    from virnucpro.worker import WorkerSetupError
+def load_backends(
+    stages: tuple[str, ...], device: str, models: str = "virnucpro",
+    dnabert_model: str | None = None, esm_model: str | None = None,
+) -> dict[str, Backend]:
+    """Load the backend of every stage in `stages` onto `device`, once.
 
-    backends: dict[str, Any] = {}
-    stage = "model"
-    try:
-        paths = model_paths(config.models, config.dnabert_model, config.esm_model)
-        for stage in config.stages:
-            if stage == "dnabert":
-                from virnucpro.backends.dnabert import DnabertBackend
+    Raises ModelNotFoundError or ModelFormatError for a model that is not
+    there or not in its format, ImportError when the models extra is
+    missing, and RuntimeError for a device torch cannot use.
+    """
+    backends: dict[str, Backend] = {}
+    paths = model_paths(models, dnabert_model, esm_model)
+    for stage in stages:
+        if stage == "dnabert":
+            from virnucpro.backends.dnabert import DnabertBackend
 
-                backends[stage] = DnabertBackend(paths["dnabert"], device=config.device)
-            elif stage == "esm":
-                from virnucpro.backends.esm import EsmBackend
+            backends[stage] = DnabertBackend(paths["dnabert"], device=device)
+        elif stage == "esm":
+            from virnucpro.backends.esm import EsmBackend
 
-                backends[stage] = EsmBackend(paths["esm"], device=config.device)
-    except (ModelNotFoundError, ModelFormatError) as exc:
-        raise WorkerSetupError(str(exc)) from None
-    except ImportError as exc:
-        raise WorkerSetupError(
-            f"the {stage} backend needs {exc.name or 'a package'} ({exc}); install the models extra: "
-            "pip install 'virnucpro[models]'"
-        ) from None
-    except RuntimeError as exc:  # torch: a device that does not exist or is not usable
-        raise WorkerSetupError(f"cannot load models on {config.device}: {exc}") from None
+            backends[stage] = EsmBackend(paths["esm"], device=device)
     return backends

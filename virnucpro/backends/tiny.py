@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from virnucpro.atomic import atomic_write
-from virnucpro.classifier import MLPClassifier, classifier_bytes
+from virnucpro.pipeline.classifier import MLPClassifier, classifier_bytes
 
 if TYPE_CHECKING:
     from esm.model.esm2 import ESM2

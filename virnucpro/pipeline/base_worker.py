@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from virnucpro.fasta import fasta_stats
+from virnucpro.pipeline.fasta import fasta_stats
 from virnucpro.pipeline.gpu_weights import WeightTable, assign_files_weighted, load_weight_table
 
 if TYPE_CHECKING:

@@ -183,7 +183,7 @@ def assign_files_weighted(
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"weight of worker {index} is {weight!r}; weights must be positive numbers")
     if costs is None:
-        from virnucpro.fasta import fasta_stats
+        from virnucpro.pipeline.fasta import fasta_stats
 
         costs = [fasta_stats(path).residues for path in files]
     if len(costs) != len(files):

@@ -1,0 +1,150 @@
+"""The scheduler core's vocabulary: the events the server feeds it and the instructions it returns.
+
+Every event carries `now`, the server's monotonic clock in seconds; the core
+has no clock of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# ----------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One input file of a job, measured by the client at submission."""
+
+    path: str
+    output: str
+    sequences: int
+    residues: int
+
+
+@dataclass(frozen=True)
+class WorkerJoined:
+    worker: str
+    name: str
+    host: str
+    gpu: str
+    weight: float
+    stages: tuple[str, ...]
+    now: float
+
+
+@dataclass(frozen=True)
+class WorkRequested:
+    worker: str
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskSucceeded:
+    worker: str
+    task: str
+    seconds: float
+    skipped: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    worker: str
+    task: str
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker: str
+    task: str | None
+    now: float
+    gauges: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class WorkerLeft:
+    worker: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True)
+class JobSubmitted:
+    job: str
+    stage: str
+    output_dir: str
+    files: tuple[FileSpec, ...]
+    weighted: bool
+    steal: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    job: str
+    now: float
+
+
+Event = (
+    WorkerJoined | WorkRequested | TaskSucceeded | TaskFailed | Heartbeat | WorkerLeft | Tick | JobSubmitted | JobCancelled
+)
+
+
+# ----------------------------------------------------------- instructions
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Send file `path` to `worker`; it writes `output`."""
+
+    worker: str
+    task: str
+    job: str
+    stage: str
+    path: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """Tell `worker` to stop running `task` (its job was cancelled or finished without it)."""
+
+    worker: str
+    task: str
+
+
+@dataclass(frozen=True)
+class Reregister:
+    """`worker` is unknown or was declared dead: it must register again."""
+
+    worker: str
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    job: str
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Log:
+    """Append `record` to the throughput log."""
+
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A line for the broker's own log."""
+
+    text: str
+
+
+Instruction = Assign | Revoke | Reregister | JobFinished | Log | Notice

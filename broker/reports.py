@@ -1,0 +1,129 @@
+"""What the scheduler core tells people: job reports, progress counts, status snapshots, the makespan bound.
+
+Everything here reads the core's records and changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol, Sequence
+
+from broker.state import Job, Task, Worker
+
+
+class SchedulerView(Protocol):
+    """The read-only part of the scheduler a status snapshot needs."""
+
+    workers: dict[str, Worker]
+    jobs: dict[str, Job]
+    tasks: dict[str, Task]
+    counters: dict[str, int]
+
+    @property
+    def unowned_count(self) -> int: ...
+
+    @property
+    def measured(self) -> bool: ...
+
+    def scale(self) -> float: ...
+
+    def speed_of(self, worker: Worker, scale: float | None = None) -> float: ...
+
+    def capable(self, stage: str) -> list[Worker]: ...
+
+
+def job_report(job: Job, workers: Iterable[Worker]) -> dict[str, Any]:
+    """The per-worker figures, makespan, steals and failures of a job."""
+    rows = []
+    for worker in workers:
+        stats = worker.per_job.get(job.id)
+        if stats is not None and stats.files:
+            speed = stats.residues / stats.busy_seconds if stats.busy_seconds > 0 else 0.0
+            rows.append((worker, stats, speed))
+    sum_predicted = sum(w.weight for w, _, _ in rows)
+    sum_speed = sum(speed for _, _, speed in rows)
+    rows_out = [
+        {
+            "worker": w.name, "host": w.host, "gpu": w.gpu, "predicted_weight": w.weight,
+            "observed_weight": speed * sum_predicted / sum_speed if sum_speed > 0 else None,
+            "files": s.files, "residues": s.residues, "busy_seconds": s.busy_seconds,
+            "residues_per_s": speed, "stolen_files": s.stolen,
+        }
+        for w, s, speed in rows
+    ]
+    costs = [t.cost for t in job.tasks if t.state == "done"]
+    speeds = [speed for _, _, speed in rows if speed > 0]
+    lower_bound = makespan_lower_bound(costs, speeds) if costs and speeds else None
+    return {
+        "job": job.id, "stage": job.stage, "state": job.state, "weighted": job.weighted, "steal": job.steal,
+        "files": len(job.tasks), "done": job.done, "failed": job.failed, "steals": job.steals,
+        "submitted": job.submitted, "finished": job.finished,
+        "makespan": job.finished - job.submitted if job.finished is not None else None,
+        "lower_bound": lower_bound,
+        "failures": [{"file": t.spec.path, "attempts": list(t.attempts)} for t in job.tasks if t.state == "failed"],
+        "workers": rows_out,
+    }
+
+
+def job_progress(job: Job) -> dict[str, Any]:
+    """Counts a waiting client shows."""
+    return {
+        "files": len(job.tasks), "done": job.done, "failed": job.failed,
+        "running": sum(1 for t in job.tasks if t.state == "running"),
+        "residues": sum(t.cost for t in job.tasks), "residues_done": job.residues_done, "steals": job.steals,
+    }
+
+
+def _eta(view: SchedulerView, job: Job, scale: float) -> float | None:
+    """Seconds until the job's remaining residues are done at the capable workers' combined speed."""
+    if not job.open:
+        return None
+    speed = sum(view.speed_of(w, scale) for w in view.capable(job.stage))
+    remaining = sum(t.cost for t in job.tasks if t.state in ("queued", "running"))
+    return remaining / speed if speed > 0 and view.measured else None
+
+
+def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:
+    """A snapshot of workers, jobs and counters for `virnucpro-broker status`."""
+    scale = view.scale()
+    workers = []
+    for w in view.workers.values():
+        running = view.tasks.get(w.running) if w.running else None
+        workers.append({
+            "worker": w.name, "host": w.host, "gpu": w.gpu, "alive": w.alive, "stages": list(w.stages),
+            "predicted_weight": w.weight, "observed_weight": w.speed / scale if w.speed else None,
+            "speed": w.speed, "queue": len(w.queue), "queued_residues": w.queued_cost,
+            "running": running.spec.path if running else None,
+            "running_for": now - w.running_since if running else None,
+            "files_done": w.done_files, "steals_in": w.steals_in, "steals_out": w.steals_out,
+            "silent_for": now - w.last_seen, "gauges": w.gauges,
+        })
+    jobs = [
+        {"job": j.id, "stage": j.stage, "state": j.state, "weighted": j.weighted, "steal": j.steal,
+         "submitted": j.submitted, "eta_seconds": _eta(view, j, scale), **job_progress(j)}
+        for j in view.jobs.values()
+    ]
+    return {"workers": workers, "jobs": jobs, "unowned": view.unowned_count, "counters": dict(view.counters)}
+
+
+SUMMARY_FIELDS = (
+    "worker", "gpu", "predicted_weight", "observed_weight", "files", "residues", "busy_seconds", "residues_per_s",
+)
+
+
+def makespan_lower_bound(costs: Sequence[float], speeds: Sequence[float]) -> float:
+    """The shortest possible makespan of files with these costs on workers of these speeds.
+
+    Even with files split at will, the k largest files need the k fastest
+    workers for at least (their cost) / (those speeds), and everything needs
+    total / (all speeds). The maximum over k includes DESIGN.md's
+    max(total / sum of speeds, largest / fastest) and is at least as tight.
+    """
+    largest = sorted(costs, reverse=True)
+    fastest = sorted(speeds, reverse=True)
+    bound = sum(largest) / sum(fastest)
+    cost_sum = speed_sum = 0.0
+    for cost, speed in zip(largest, fastest[:-1]):
+        cost_sum += cost
+        speed_sum += speed
+        bound = max(bound, cost_sum / speed_sum)
+    return bound

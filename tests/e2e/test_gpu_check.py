@@ -1,0 +1,21 @@
+"""The device-check tool runs end to end (on the CPU, with small networks) and reports every figure."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.py"
+
+
+def test_gpu_check_smoke_run_on_cpu_reports_throughput_of_both_stages(tmp_path):
+    out = tmp_path / "check.json"
+    result = subprocess.run([sys.executable, str(TOOL), "--device", "cpu", "--small", "--sequences", "40",
+                             "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["device"]["autocast"] == "none (fp32)"
+    for stage in ("dnabert", "esm"):
+        assert figures[stage]["sequences"] == 40
+        assert figures[stage]["sequences_per_s"] > 0

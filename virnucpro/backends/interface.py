@@ -1,0 +1,22 @@
+"""What every backend provides to the worker: one stage, run on one input file at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+class Cancelled(Exception):
+    """The broker revoked the task while it ran; no output is published."""
+
+
+class Backend(Protocol):
+    """A stage's model, loaded once; `run` processes one input file into one output file.
+
+    `run` returns (sequences, residues) of the input and raises Cancelled,
+    writing nothing, once `should_stop()` turns True.
+    """
+
+    stage: str
+
+    def run(self, input_path: Path, output_path: Path, should_stop: Callable[[], bool]) -> tuple[int, int]: ...

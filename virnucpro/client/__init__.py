@@ -1,0 +1,1 @@
+"""The client commands: `embed` submits one stage's files as a job, `predict` runs a whole sample."""

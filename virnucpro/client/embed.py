@@ -1,0 +1,222 @@
+"""The embed client: submit one stage's files as a broker job, show progress, report per worker."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from broker.client import BrokerClient, BrokerError, BrokerUnreachable
+from broker.security import SecurityError
+from virnucpro.atomic import write_text_atomically
+from virnucpro.pipeline.fasta import FastaError, fasta_stats
+from virnucpro.stages import is_complete, output_path
+
+EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2
+POLL_SECONDS = 0.25
+MAX_RESUBMITS = 10
+
+
+class EmbedError(RuntimeError):
+    """The job could not run; the message says why and what to do."""
+
+
+@dataclass
+class Plan:
+    """The files of a job that still need running, and those already done."""
+
+    stage: str
+    output_dir: Path
+    todo: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def plan_job(stage: str, files: Sequence[str | Path], output_dir: str | Path) -> Plan:
+    """Measure each input and skip those whose output is already complete.
+
+    Raises FastaError naming the first bad input before anything is submitted.
+    """
+    output_dir = Path(output_dir).resolve()
+    plan = Plan(stage=stage, output_dir=output_dir)
+    seen: dict[Path, Path] = {}
+    for file in files:
+        path = Path(file).resolve()
+        output = output_path(stage, path, output_dir)
+        if output in seen:
+            raise EmbedError(f"{path} and {seen[output]} would both write {output}; give inputs distinct names")
+        seen[output] = path
+        if is_complete(output):
+            plan.skipped.append(str(path))
+            continue
+        stats = fasta_stats(path)
+        plan.todo.append({"path": str(path), "output": str(output),
+                          "sequences": stats.sequences, "residues": stats.residues})
+    return plan
+
+
+def wait_for_workers(client: BrokerClient, stage: str, count: int, timeout: float, console: Console) -> None:
+    """Block until `count` living workers serve `stage`; EmbedError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    status = client.wait_until_up(timeout)
+    announced = False
+    while True:
+        ready = sum(1 for w in status["workers"] if w["alive"] and stage in w["stages"])
+        if ready >= count:
+            return
+        if time.monotonic() >= deadline:
+            raise EmbedError(
+                f"only {ready} of {count} {stage} workers registered with the broker at {client.address} "
+                f"within {timeout:g} s; start more with `virnucpro worker --broker {client.address}`"
+            )
+        if not announced:
+            console.print(f"waiting for {count} {stage} workers ({ready} registered)")
+            announced = True
+        time.sleep(POLL_SECONDS)
+        status = client.request("status")["status"]
+
+
+def run_job(
+    client: BrokerClient,
+    plan: Plan,
+    *,
+    weighted: bool,
+    steal: bool,
+    console: Console,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Submit the plan, show progress until it ends, and return the broker's report.
+
+    If the broker restarts mid-job (it forgets the job), what is still
+    missing on disk is submitted again.
+    """
+    todo = plan.todo
+    for _ in range(MAX_RESUBMITS):
+        job = client.request("submit", stage=plan.stage, output_dir=str(plan.output_dir), files=todo,
+                             weighted=weighted, steal=steal)["job"]
+        try:
+            return _follow(client, job, sum(f["residues"] for f in todo), console, label or plan.stage)
+        except BrokerError as exc:
+            if "unknown job" not in str(exc):
+                raise
+            console.print(f"[yellow]the broker lost job {job} (restarted?); submitting what is not done yet[/yellow]")
+            todo = [f for f in todo if not is_complete(f["output"])]
+            client.wait_until_up(client.timeout * 6)
+    raise EmbedError(f"the broker at {client.address} lost the job {MAX_RESUBMITS} times; giving up")
+
+
+def _follow(client: BrokerClient, job: str, residues: int, console: Console, label: str) -> dict[str, Any]:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("files, {task.fields[failed]} failed, {task.fields[steals]} steals"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(label, total=None, failed=0, steals=0)
+        try:
+            while True:
+                state = _job_state(client, job)
+                p = state["progress"]
+                progress.update(bar, total=p["files"], completed=p["done"] + p["failed"],
+                                failed=p["failed"], steals=p["steals"])
+                if state["report"] is not None:
+                    return state["report"]
+                time.sleep(POLL_SECONDS)
+        except KeyboardInterrupt:
+            try:
+                client.request("cancel", job=job, timeout=2.0)
+            except (BrokerError, BrokerUnreachable):
+                pass
+            raise
+
+
+def _job_state(client: BrokerClient, job: str) -> dict[str, Any]:
+    # A broker busy with a burst of results may answer late once; only a long silence is fatal.
+    for _ in range(2):
+        try:
+            return client.request("job", job=job)
+        except BrokerUnreachable:
+            pass
+    return client.request("job", job=job)
+
+
+def make_console() -> Console:
+    """Rich output on stderr; 120 columns when it goes to a file, so the tables stay whole."""
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+def worker_table(report: dict[str, Any], title: str) -> Table:
+    """Per worker: GPU, predicted vs observed weight, files, throughput, steals."""
+    table = Table(title=title, title_justify="left")
+    for column in ("worker", "gpu", "predicted", "observed", "files", "stolen", "residues", "busy s", "residues/s"):
+        table.add_column(column, justify="left" if column in ("worker", "gpu") else "right")
+    for row in report["workers"]:
+        observed = row["observed_weight"]
+        table.add_row(row["worker"], row["gpu"], f"{row['predicted_weight']:.2f}",
+                      "n/a" if observed is None else f"{observed:.2f}", str(row["files"]),
+                      str(row["stolen_files"]), f"{row['residues']:,}", f"{row['busy_seconds']:.1f}",
+                      f"{row['residues_per_s']:,.0f}")
+    return table
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    line = f"makespan {report['makespan']:.1f} s, {report['steals']} steals"
+    if report.get("lower_bound"):
+        line += f", lower bound {report['lower_bound']:.1f} s (ratio {report['makespan'] / report['lower_bound']:.2f})"
+    return line
+
+
+def write_report(plan: Plan, report: dict[str, Any] | None, address: str) -> Path:
+    """run_report.json in the output directory, written atomically."""
+    document = {"address": address, "stage": plan.stage, "output_dir": str(plan.output_dir),
+                "skipped_complete": len(plan.skipped), **(report or {})}
+    return write_text_atomically(plan.output_dir / "run_report.json", json.dumps(document, indent=2) + "\n")
+
+
+def embed(
+    address: str,
+    stage: str,
+    files: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    weighted: bool = False,
+    steal: bool = False,
+    min_workers: int = 1,
+    timeout: float = 600.0,
+    console: Console | None = None,
+) -> int:
+    """The `virnucpro embed` command; returns its exit code."""
+    console = console or make_console()
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        plan = plan_job(stage, files, output_dir)
+    except (FastaError, EmbedError, OSError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return EXIT_ERROR
+    if plan.skipped:
+        console.print(f"{len(plan.skipped)} of {len(files)} files already have complete outputs; skipped")
+    report: dict[str, Any] | None = None
+    if plan.todo:
+        try:
+            with BrokerClient(address) as client:
+                wait_for_workers(client, stage, min_workers, timeout, console)
+                report = run_job(client, plan, weighted=weighted, steal=steal, console=console)
+        except (BrokerUnreachable, BrokerError, EmbedError, SecurityError) as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: job cancelled; finished outputs are kept, rerun to continue")
+            return 130
+        console.print(worker_table(report, f"{stage}: per-worker throughput"))
+        console.print(summary_line(report))
+    path = write_report(plan, report, address)
+    failures = (report or {}).get("failures", [])
+    for failure in failures:
+        reasons = "; ".join(f"{a['worker']}: {a['reason']}" for a in failure["attempts"])
+        console.print(f"[red]failed:[/red] {escape(failure['file'])} ({escape(reasons)})")
+    console.print(f"report: {path}")
+    return EXIT_PARTIAL if failures else EXIT_OK

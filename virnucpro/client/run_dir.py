@@ -1,0 +1,144 @@
+"""The run directory of `virnucpro predict`: its layout, the split and its manifest, resume, failed files.
+
+Everything under OUT/work is the run's state. A finished output is published
+atomically and checked before it is reused, so a rerun with --resume
+continues after any interruption and recomputes nothing that finished.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+
+from virnucpro.atomic import write_text_atomically
+from virnucpro.client.embed import Plan, plan_job
+from virnucpro.client.options import PredictError, PredictOptions
+from virnucpro.pipeline.outputs import RESULTS_NAME
+from virnucpro.pipeline.sequences import FilePair, split_into_files
+from virnucpro.stages import is_complete, output_path
+
+FAILED_FILES_NAME = "failed_files.txt"
+MANIFEST_NAME = "split.json"
+
+# Stage, the split's subdirectory it reads, and the work subdirectory it writes.
+STAGE_DIRS = (("dnabert", "nucleotide", "dnabert"), ("esm", "protein", "esm"))
+
+# Without --sequences-per-file, files are sized so that a sample makes about this
+# many (a shorter tail when workers steal), never more than the original's 10,000
+# sequences and never so few that per-file overhead dominates.
+AUTO_FILES_PER_SAMPLE = 32
+MIN_AUTO_SEQUENCES_PER_FILE = 50
+MAX_SEQUENCES_PER_FILE = 10000
+GZIP_RATIO = 4  # a gzipped FASTA is about a quarter of its text
+
+
+def holds_run(output_dir: Path) -> bool:
+    """True if `output_dir` has the work or the results of an earlier run."""
+    return (output_dir / "work").exists() or (output_dir / RESULTS_NAME).exists()
+
+
+def auto_sequences_per_file(input_fasta: Path, expected_length: int) -> int:
+    """A file size from the input's size alone.
+
+    Never from the worker count: embeddings are batched within a file, so the
+    file size must not change with the hardware for outputs to stay the same.
+    A chunk of C bases keeps about one frame, so the text size over C
+    estimates the frames.
+    """
+    size = input_fasta.stat().st_size
+    with open(input_fasta, "rb") as handle:
+        if handle.read(2) == b"\x1f\x8b":
+            size *= GZIP_RATIO
+    frames = size // expected_length
+    return min(MAX_SEQUENCES_PER_FILE, max(MIN_AUTO_SEQUENCES_PER_FILE, -(-frames // AUTO_FILES_PER_SAMPLE)))
+
+
+def _split_identity(options: PredictOptions, sequences_per_file: int) -> dict[str, Any]:
+    """What the split and its embeddings depend on; a resume must match it."""
+    stat = options.input_fasta.stat()
+    return {"input": str(options.input_fasta.resolve()), "input_size": stat.st_size,
+            "input_mtime_ns": stat.st_mtime_ns, "expected_length": options.expected_length,
+            "sequences_per_file": sequences_per_file, "models": options.models,
+            "dnabert_model": options.dnabert_model, "esm_model": options.esm_model}
+
+
+def split_input(options: PredictOptions, work_dir: Path, console: Console) -> list[FilePair]:
+    """The paired files of the run: split now, or on --resume those of the earlier split if it finished.
+
+    The split counts as finished only once its manifest (work/split.json,
+    written atomically after the last file) exists: the split writes no
+    manifest until then, and the embeddings start only after it.
+    """
+    manifest_path = work_dir / MANIFEST_NAME
+    if options.resume and manifest_path.is_file():
+        manifest = _read_manifest(manifest_path)
+        wanted = _split_identity(options, options.sequences_per_file or manifest["sequences_per_file"])
+        changed = [key for key, value in wanted.items() if manifest.get(key) != value]
+        if changed:
+            raise PredictError(
+                f"{manifest_path}: the run there was started with other "
+                + ", ".join(f"{key} ({manifest.get(key)!r}, now {wanted[key]!r})" for key in changed)
+                + "; resume with the same input and options, or start a new run with another -o"
+            )
+        pairs = [FilePair(p["index"], work_dir / p["nucleotide"], work_dir / p["protein"], p["sequences"])
+                 for p in manifest["files"]]
+        if all(p.nucleotide.is_file() and p.protein.is_file() for p in pairs):
+            console.print(f"split: reusing the {len(pairs)} file pairs of {manifest_path}", markup=False)
+            return pairs
+        console.print(f"split: files listed in {manifest_path} are missing; splitting again", markup=False)
+    sequences_per_file = options.sequences_per_file or auto_sequences_per_file(
+        options.input_fasta, options.expected_length)
+    identity = _split_identity(options, sequences_per_file)
+    manifest_path.unlink(missing_ok=True)
+    pairs = split_into_files(options.input_fasta, work_dir, options.expected_length, sequences_per_file)
+    files = [{"index": p.index, "nucleotide": str(p.nucleotide.relative_to(work_dir)),
+              "protein": str(p.protein.relative_to(work_dir)), "sequences": p.sequences} for p in pairs]
+    write_text_atomically(manifest_path, json.dumps({**identity, "files": files}, indent=2) + "\n")
+    console.print(f"split: {sum(p.sequences for p in pairs):,} frames into {len(pairs)} file pairs "
+                  f"of up to {sequences_per_file:,} sequences", markup=False)
+    return pairs
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The split manifest of an earlier run; PredictError if it cannot be used."""
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise PredictError(f"{path}: not a readable split manifest ({exc}); start a new run with another -o") from None
+    if not isinstance(manifest, dict) or not {"sequences_per_file", "files"} <= manifest.keys():
+        raise PredictError(f"{path}: lacks the list of split files; start a new run with another -o")
+    return manifest
+
+
+def plan_stages(pairs: Sequence[FilePair], work_dir: Path, console: Console) -> list[Plan]:
+    """Each stage's files that still lack a complete output."""
+    plans = []
+    for stage, input_subdir, output_subdir in STAGE_DIRS:
+        (work_dir / output_subdir).mkdir(parents=True, exist_ok=True)
+        inputs = [p.nucleotide if input_subdir == "nucleotide" else p.protein for p in pairs]
+        plan = plan_job(stage, inputs, work_dir / output_subdir)
+        if plan.skipped:
+            console.print(f"{stage}: {len(plan.skipped)} of {len(inputs)} files already embedded; skipped")
+        plans.append(plan)
+    return plans
+
+
+def write_failed_files(output_dir: Path, pairs: Sequence[FilePair], work_dir: Path,
+                       reasons: dict[str, str]) -> list[str]:
+    """OUT/failed_files.txt: every input whose output is missing after the run, and why; removed when none is."""
+    rows = []
+    for stage, input_subdir, output_subdir in STAGE_DIRS:
+        for pair in pairs:
+            source = (pair.nucleotide if input_subdir == "nucleotide" else pair.protein).resolve()
+            if not is_complete(output_path(stage, source, work_dir / output_subdir)):
+                reason = reasons.get(str(source), "no output after the job; rerun with --resume")
+                rows.append(f"{stage}\t{source}\t{' '.join(reason.split())}")
+    path = output_dir / FAILED_FILES_NAME
+    if rows:
+        write_text_atomically(path, "stage\tfile\treasons\n" + "\n".join(rows) + "\n")
+    else:
+        path.unlink(missing_ok=True)
+    return rows

@@ -1,0 +1,69 @@
+"""What a worker is asked to be: its options, its device name, the backends it loads, and its setup errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from virnucpro.backends.interface import Backend
+
+
+class WorkerSetupError(RuntimeError):
+    """The worker cannot start (a model that does not load, a bad device); says what to fix."""
+
+
+@dataclass
+class WorkerConfig:
+    broker: str
+    device: str = "cpu"
+    name: str | None = None
+    gpu_name: str | None = None
+    synthetic_speed: float | None = None
+    stages: tuple[str, ...] = ("dnabert", "esm")
+    models: str = "virnucpro"
+    dnabert_model: str | None = None
+    esm_model: str | None = None
+    broker_timeout: float = 10.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def device_name(config: WorkerConfig) -> str:
+    """The GPU name the broker looks the weight up by."""
+    if config.gpu_name:
+        return config.gpu_name
+    if config.synthetic_speed is not None:
+        return "synthetic"
+    if config.device.startswith("cuda"):
+        import torch
+
+        index = int(config.device.split(":", 1)[1]) if ":" in config.device else 0
+        return torch.cuda.get_device_name(index)
+    return "cpu"
+
+
+def open_backends(config: WorkerConfig) -> dict[str, Backend]:
+    """Load every backend this worker serves; WorkerSetupError says why one cannot load."""
+    if config.synthetic_speed is not None:
+        from virnucpro.backends.synthetic import SyntheticBackend
+
+        return {"synthetic": SyntheticBackend(config.synthetic_speed)}
+    if "synthetic" in config.stages:
+        raise WorkerSetupError("the synthetic stage needs --synthetic-speed R (residues per second)")
+    try:
+        from virnucpro.backends.common import ModelFormatError, ModelNotFoundError
+        from virnucpro.backends.loading import load_backends
+    except ImportError as exc:
+        raise WorkerSetupError(_missing_extra(exc)) from None
+    try:
+        return load_backends(config.stages, config.device, config.models, config.dnabert_model, config.esm_model)
+    except (ModelNotFoundError, ModelFormatError) as exc:
+        raise WorkerSetupError(str(exc)) from None
+    except ImportError as exc:
+        raise WorkerSetupError(_missing_extra(exc)) from None
+    except RuntimeError as exc:  # torch: a device that does not exist or is not usable
+        raise WorkerSetupError(f"cannot load models on {config.device}: {exc}") from None
+
+
+def _missing_extra(exc: ImportError) -> str:
+    return (f"the model stages need {exc.name or 'a package'} ({exc}); install the models extra: "
+            "pip install 'virnucpro[models]'")
