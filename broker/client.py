@@ -85,7 +85,7 @@ class BrokerClient:
     def close(self) -> None:
         self._reset()
 
-    def __enter__(self) -> "BrokerClient":
+    def __enter__(self) -> BrokerClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

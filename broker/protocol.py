@@ -9,7 +9,8 @@ receiver counts and drops.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 

@@ -5,7 +5,8 @@ Everything here reads the core's records and changes nothing.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from broker.state import Job, Task, Worker
 
@@ -115,14 +116,15 @@ def makespan_lower_bound(costs: Sequence[float], speeds: Sequence[float]) -> flo
 
     Even with files split at will, the k largest files need the k fastest
     workers for at least (their cost) / (those speeds), and everything needs
-    total / (all speeds). The maximum over k includes DESIGN.md's
+    total / (all speeds). The maximum over k includes the classic
     max(total / sum of speeds, largest / fastest) and is at least as tight.
     """
     largest = sorted(costs, reverse=True)
     fastest = sorted(speeds, reverse=True)
     bound = sum(largest) / sum(fastest)
     cost_sum = speed_sum = 0.0
-    for cost, speed in zip(largest, fastest[:-1]):
+    # Prefixes of k = 1 .. min(files, workers - 1); k = workers is the total bound above.
+    for cost, speed in zip(largest, fastest[:-1], strict=False):
         cost_sum += cost
         speed_sum += speed
         bound = max(bound, cost_sum / speed_sum)

@@ -19,7 +19,8 @@ reports in broker.reports. Policy (docs/architecture.md):
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from sortedcontainers import SortedList
 
@@ -216,12 +217,12 @@ class Scheduler:
             scale = self.scale()
             if weights_from == "speed":
                 weights = [self.speed_of(w, scale) for w in workers]
-                loads = [(self.predicted_finish(w, now, scale) - now) * s for w, s in zip(workers, weights)]
+                loads = [(self.predicted_finish(w, now, scale) - now) * s for w, s in zip(workers, weights, strict=True)]
             else:
                 weights = [1.0 if weights_from == "equal" else w.weight for w in workers]
                 loads = [float(w.queued_cost) for w in workers]
             packed = assign_files_weighted(group, len(workers), weights, costs=[t.cost for t in group], loads=loads)
-            for worker, assigned in zip(workers, packed):
+            for worker, assigned in zip(workers, packed, strict=True):
                 for task in assigned:
                     self._enqueue(self._retry_target(task, worker, workers, now, scale), task)
 

@@ -12,14 +12,13 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
 from broker import protocol
-from broker.protocol import ProtocolError
-from broker.security import secure_server
 from broker.events import (
     Assign,
     FileSpec,
@@ -39,8 +38,10 @@ from broker.events import (
     WorkerLeft,
     WorkRequested,
 )
+from broker.protocol import ProtocolError
 from broker.reports import job_progress
 from broker.scheduler import Scheduler
+from broker.security import secure_server
 from virnucpro.pipeline.gpu_weights import WeightTable
 
 logger = logging.getLogger("virnucpro.broker")
@@ -207,7 +208,7 @@ class BrokerServer:
         status["broker"] = {"address": self.address, "log": str(self.log.path), "uptime": now - self.started}
         self._send(identity, "status_report", status=status)
 
-    _handlers: dict[str, Callable[["BrokerServer", bytes, dict[str, Any]], None]] = {
+    _handlers: dict[str, Callable[[BrokerServer, bytes, dict[str, Any]], None]] = {
         "register": _register, "request": _request, "heartbeat": _heartbeat, "done": _done,
         "failed": _failed, "bye": _bye, "submit": _submit, "job": _job, "cancel": _cancel, "status": _status,
     }

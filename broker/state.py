@@ -12,7 +12,7 @@ from broker.events import FileSpec
 @dataclass
 class Task:
     id: str
-    job: "Job"
+    job: Job
     index: int
     spec: FileSpec
     seeded_to: str | None = None

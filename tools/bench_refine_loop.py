@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 import click
+from bench_correction import write_inputs
 from rich.console import Console
 
-from bench_correction import write_inputs
 from virnucpro.client.embed import plan_job, run_job
 from virnucpro.client.local import LocalCluster
 from virnucpro.pipeline.gpu_weights import load_weight_table

@@ -21,10 +21,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from virnucpro.backends.synthetic import SyntheticBackend
 from virnucpro.client.embed import plan_job, run_job
 from virnucpro.client.local import LocalCluster
 from virnucpro.stages import is_complete
-from virnucpro.backends.synthetic import SyntheticBackend
 
 SPEED = 4000.0
 WORKERS = 4

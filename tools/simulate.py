@@ -9,7 +9,8 @@ measured here is the policy the broker runs.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import click
 from rich.console import Console
@@ -38,7 +39,7 @@ def compare(gpus: Sequence[str], true_weights: dict[str, float], files: int, see
     """Makespan of each policy for these GPUs; true speeds from `true_weights`, else from the table."""
     table = load_weight_table()
     predicted = [table.lookup(name) for name in gpus]
-    truth = [true_weights.get(table.model_name(name), weight) for name, weight in zip(gpus, predicted)]
+    truth = [true_weights.get(table.model_name(name), weight) for name, weight in zip(gpus, predicted, strict=True)]
     # Speeds in residues/s: the 4090's measured ESM-2 rate fixes the scale of weight 1.5.
     per_weight = FILE_RESIDUES / ESM_4090_SECONDS / 1.5
     speeds = [t * per_weight for t in truth]
@@ -47,7 +48,7 @@ def compare(gpus: Sequence[str], true_weights: dict[str, float], files: int, see
     alone = sum(costs) / max(speeds)
     rows = []
     for label, weighted, steal in POLICIES:
-        workers = [SimWorker(f"gpu{i}", weight, speed) for i, (weight, speed) in enumerate(zip(predicted, speeds))]
+        workers = [SimWorker(f"gpu{i}", weight, speed) for i, (weight, speed) in enumerate(zip(predicted, speeds, strict=True))]
         result = simulate(workers, [SimJob("sample", costs, weighted=weighted, steal=steal)],
                           horizon=100 * alone)
         makespan = result.reports["sample"]["makespan"]

@@ -14,11 +14,10 @@ import pytest
 import zmq
 from rich.console import Console
 
+from tests.support.cluster import BROKER, VIRNUCPRO, cluster, free_address, kill_hard
 from tests.support.fasta import write_fasta
-from tests.support.cluster import VIRNUCPRO, BROKER, cluster, free_address, kill_hard
 from virnucpro.client.embed import plan_job, run_job
 from virnucpro.pipeline.gpu_weights import GPU_WEIGHTS
-
 
 TASK_DONE_FIELDS = {
     "event", "time", "job", "stage", "worker", "host", "gpu", "predicted_weight", "file", "sequences",
@@ -192,7 +191,7 @@ def test_throughput_log_records_carry_every_field_with_correct_values(tmp_path):
         assert result.returncode == 0, result.stderr
         done, summaries = c.records("task_done"), c.records("worker_summary")
     assert len(done) == 4 and len(summaries) == 2
-    sizes = {str(f): n for f, n in zip(files, [1500, 3000, 4500, 6000])}
+    sizes = {str(f): n for f, n in zip(files, [1500, 3000, 4500, 6000], strict=True)}
     for record in done:
         assert set(record) == TASK_DONE_FIELDS
         assert record["residues"] == sizes[record["file"]]

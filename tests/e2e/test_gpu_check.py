@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.py"
 
 

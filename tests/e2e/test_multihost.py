@@ -11,9 +11,8 @@ import uuid
 import pytest
 
 from broker.security import SECRET_ENV, SERVER_KEY_ENV, create_keys
-from tests.support.fasta import write_fasta
 from tests.support.cluster import BROKER, VIRNUCPRO
-
+from tests.support.fasta import write_fasta
 
 HEAD, NODE = "10.213.7.1", "10.213.7.2"  # exist only inside the namespaces this test creates
 

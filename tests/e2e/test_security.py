@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 
-from broker.client import BrokerClient, BrokerUnreachable
 from broker.cli import is_loopback
-from broker.security import SERVER_KEY_ENV, SECRET_ENV, SecurityError, create_keys, secure_client
-from tests.support.fasta import write_fasta
+from broker.client import BrokerClient, BrokerUnreachable
+from broker.security import SECRET_ENV, SERVER_KEY_ENV, SecurityError, create_keys, secure_client
 from tests.support.cluster import BROKER, VIRNUCPRO, free_address
+from tests.support.fasta import write_fasta
 from virnucpro.client.local import LocalCluster
 
 

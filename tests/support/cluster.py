@@ -6,9 +6,9 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from virnucpro.client.local import LocalCluster, command, free_loopback_address
 

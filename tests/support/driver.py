@@ -7,9 +7,9 @@ also use is tools/simulate.py's, the one maintainers run.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from broker.simulator import STAGE, file_specs
 from broker.events import (
     Assign,
     Heartbeat,
@@ -25,7 +25,7 @@ from broker.events import (
     WorkRequested,
 )
 from broker.scheduler import Scheduler
-
+from broker.simulator import STAGE, file_specs
 
 
 def assigns(out: Iterable[Any]) -> list[Assign]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def write_fasta(path: Path, lengths: Sequence[int], prefix: str = "seq") -> Path:

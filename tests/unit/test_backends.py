@@ -6,8 +6,8 @@ import contextlib
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 import torch
@@ -180,7 +180,7 @@ def test_dnabert_backend_matches_the_in_memory_model_fed_one_sequence_at_a_time(
 
     # The original recipe: no padding, no mask, plain mean over [CLS] ... [SEP].
     model, tokenizer = build_tiny_dnabert(), build_tiny_tokenizer()
-    for sequence, entry in zip(sequences, output["data"]):
+    for sequence, entry in zip(sequences, output["data"], strict=True):
         with torch.inference_mode():
             hidden = model(torch.tensor([tokenizer.encode(sequence).ids]))[0]
         expected = hidden.mean(dim=1)[0]
@@ -202,7 +202,7 @@ def test_dnabert_output_has_exactly_the_published_keys_and_types(dnabert, tmp_pa
     output = torch.load(tmp_path / "out.pt")
     assert set(output) == {"nucleotide", "data"}
     assert output["nucleotide"] == [f"read{n}" for n in range(len(DNA_LENGTHS))]  # ids: first word, input order
-    for label, entry in zip(output["nucleotide"], output["data"]):
+    for label, entry in zip(output["nucleotide"], output["data"], strict=True):
         assert set(entry) == {"label", "mean_representation"}
         assert entry["label"] == label
         assert type(entry["mean_representation"]) is list
@@ -263,7 +263,7 @@ def test_esm_backend_matches_the_in_memory_model_fed_one_protein_at_a_time(esm_b
     assert esm_backend.run(fasta, tmp_path / "out.pt") == (len(proteins), sum(PROTEIN_LENGTHS))
     output = torch.load(tmp_path / "out.pt")
     model = build_tiny_esm()
-    for protein, feature in zip(proteins, output["data"]):
+    for protein, feature in zip(proteins, output["data"], strict=True):
         assert torch.allclose(feature, esm_reference(protein, model, model.alphabet), atol=1e-5)
 
 

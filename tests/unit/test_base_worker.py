@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
-from virnucpro.pipeline.fasta import FastaError
 from virnucpro.pipeline import base_worker
 from virnucpro.pipeline.base_worker import BaseEmbeddingWorker, assign_files_by_sequences, count_sequences
+from virnucpro.pipeline.fasta import FastaError
 
 
 @pytest.fixture

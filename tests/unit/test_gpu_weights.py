@@ -171,7 +171,7 @@ def test_weighted_packing_balances_finish_times_of_real_gpu_mixes(device_names):
     weights = [lookup_weight(n) for n in device_names]
     costs = [500 + (i * 37) % 400 for i in range(120)]
     assignment = assign_files_weighted(list(range(120)), len(weights), weights, costs=costs)
-    finish = [sum(costs[i] for i in files) / w for files, w in zip(assignment, weights)]
+    finish = [sum(costs[i] for i in files) / w for files, w in zip(assignment, weights, strict=True)]
     assert max(finish) - min(finish) <= max(costs) / min(weights)
     assert sorted(i for files in assignment for i in files) == list(range(120))
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ from virnucpro.pipeline.outputs import HIGHESTSCORE_NAME, RESULTS_NAME, OutputEr
 
 
 def write_dnabert(path: Path, ids: Sequence[str], features: torch.Tensor) -> Path:
-    data = [{"label": i, "mean_representation": row.tolist()} for i, row in zip(ids, features)]
+    data = [{"label": i, "mean_representation": row.tolist()} for i, row in zip(ids, features, strict=True)]
     torch.save({"nucleotide": list(ids), "data": data}, path)
     return path
 
@@ -64,7 +64,7 @@ def test_files_are_paired_by_their_number_not_their_position_in_the_lists(tmp_pa
     esm_files = [write_esm(tmp_path / f"output_{k}_ESM.pt", ["a", "b"], protein[k]) for k in (2, 1)]
     outputs = merge_files(dnabert_files, esm_files, tmp_path / "merged")
     assert [path.name for path in outputs] == ["output_1_merged.pt", "output_2_merged.pt"]
-    for k, path in zip((1, 2), outputs):
+    for k, path in zip((1, 2), outputs, strict=True):
         assert torch.equal(torch.load(path)["data"], torch.cat((dna[k], protein[k]), dim=1))
 
 
@@ -122,7 +122,7 @@ def test_prediction_results_have_the_original_header_labels_and_float32_text(tmp
         ["r1_chunk_1R2", "virus"],
         ["r2_chunk_1F3", "others"],
     ]
-    for row, pair in zip(rows[1:], logits):
+    for row, pair in zip(rows[1:], logits, strict=True):
         expected = softmax(pair)
         assert row[2:] == [str(np.float32(expected[0])), str(np.float32(expected[1]))]
     assert outputs.frames == 3

@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 from click.testing import CliRunner
 
 from tools import refine_weights as refine_weights_tool
 from virnucpro.pipeline.gpu_weights import BUILT_IN, GPU_WEIGHTS, load_weight_table
+from virnucpro.weights.cli import weights
 from virnucpro.weights.refine import (
     read_throughput_logs,
     refine_weights,
     result_rows,
     write_weight_file,
 )
-from virnucpro.weights.cli import weights
 
 RTX_3090 = "NVIDIA GeForce RTX 3090"
 RTX_4090 = "NVIDIA GeForce RTX 4090"

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from broker.events import Assign, Notice, Reregister, Revoke
 from broker.scheduler import LOST_ASSIGNMENT_GRACE
-from tests.support.driver import Driver, answer_all, assigns, finished, log_records, lower_bound, of_type
 from broker.simulator import SimJob, SimWorker, simulate
+from tests.support.driver import Driver, answer_all, assigns, finished, log_records, lower_bound, of_type
 
 TASK_DONE_FIELDS = {
     "event", "time", "job", "stage", "worker", "host", "gpu", "predicted_weight", "file", "sequences", "residues",

@@ -1,7 +1,8 @@
-"""Sequence stages: chunking, six-frame translation and paired file splitting, as PIPELINE.md 1-3 specify."""
+"""Sequence stages: chunking, six-frame translation and paired file splitting, as docs/method.md 1-3 specify."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import tracemalloc
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_chunks_cover_the_read_in_increasing_overlapping_spans_of_the_chunk_leng
     spans = chunk_spans(length, expected_length)
     assert len(spans) == -(-length // expected_length)
     assert spans[0][0] == 0 and spans[-1][1] == length
-    for (start, end), (next_start, _next_end) in zip(spans, spans[1:]):
+    for (start, end), (next_start, _next_end) in itertools.pairwise(spans):
         assert end - start == expected_length
         assert start < next_start <= end
     assert 0 < spans[-1][1] - spans[-1][0] <= expected_length

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from virnucpro.pipeline.fasta import FastaError, read_fasta
-
 from virnucpro.backends.interface import Cancelled
+from virnucpro.pipeline.fasta import FastaError, read_fasta
 
 __all__ = [
     "ModelFormatError",
@@ -79,7 +79,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
 
 
-def precision(device: torch.device) -> ContextManager[object]:
+def precision(device: torch.device) -> AbstractContextManager[object]:
     """The autocast context a forward pass on `device` runs under (bf16 where native, else none)."""
     dtype = autocast_dtype(device)
     if dtype is None:
@@ -155,7 +155,7 @@ def embed_in_batches(
             )
             pending.appendleft(batch)
         else:
-            for index, row in zip(batch, features):
+            for index, row in zip(batch, features, strict=True):
                 rows[index] = row
             continue
         # Outside the except block the failed batch's tensors are unreferenced, so the cache can go back.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -89,7 +89,7 @@ class DnabertBackend:
             should_stop,
         )
         data = [
-            {"label": label, "mean_representation": feature.tolist()} for label, feature in zip(ids, features)
+            {"label": label, "mean_representation": feature.tolist()} for label, feature in zip(ids, features, strict=True)
         ]
         torch.save({"nucleotide": ids, "data": data}, output_path)
         logger.debug("%s: %d sequences in %.2f s", input_path, len(ids), time.monotonic() - started)

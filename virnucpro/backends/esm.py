@@ -7,8 +7,8 @@ import logging
 import pickle
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -125,7 +125,7 @@ class EsmBackend:
         return len(ids), sum(len(sequence) for sequence in sequences)
 
     def _check_residues(self, path: Path, ids: list[str], sequences: list[str]) -> None:
-        for label, sequence in zip(ids, sequences):
+        for label, sequence in zip(ids, sequences, strict=True):
             if not sequence:
                 raise FastaError(f"{path}: protein {label} is empty; ESM-2 needs at least one residue")
             unknown = set(sequence) - self.residues

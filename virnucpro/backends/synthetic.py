@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from virnucpro.pipeline.fasta import read_fasta
 from virnucpro.backends.interface import Cancelled
+from virnucpro.pipeline.fasta import read_fasta
 
 # How often a waiting synthetic worker checks whether its task was revoked.
 CANCEL_CHECK = 0.05

@@ -16,9 +16,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -54,7 +55,7 @@ class TinyModels:
     classifier_path: Path
 
 
-def build_tiny_tokenizer() -> "Tokenizer":
+def build_tiny_tokenizer() -> Tokenizer:
     """A BPE tokenizer over bases with DNABERT-S's special tokens: 1-, 2- and 4-mer tokens, [CLS] ... [SEP]."""
     from tokenizers import Tokenizer, models, processors
 
@@ -73,7 +74,7 @@ def build_tiny_tokenizer() -> "Tokenizer":
     return tokenizer
 
 
-def build_tiny_dnabert() -> "BertModel":
+def build_tiny_dnabert() -> BertModel:
     """The tiny DNABERT-S stand-in: a one-layer BERT of width 768, weights from SEED."""
     from transformers import BertConfig, BertModel
 
@@ -91,7 +92,7 @@ def build_tiny_dnabert() -> "BertModel":
         return BertModel(config).eval()
 
 
-def build_tiny_esm() -> "ESM2":
+def build_tiny_esm() -> ESM2:
     """The tiny ESM-2: two layers of width 128 with ESM-2's alphabet, weights from SEED."""
     from esm.data import Alphabet
     from esm.model.esm2 import ESM2
@@ -143,7 +144,7 @@ def _write_tiny_dnabert(directory: Path) -> None:
     write_dnabert_directory(directory, build_tiny_dnabert())
 
 
-def write_dnabert_directory(directory: Path, model: "BertModel") -> None:
+def write_dnabert_directory(directory: Path, model: BertModel) -> None:
     """A transformers model directory holding `model` and the tiny tokenizer, as DNABERT-S ships."""
     from transformers.utils import logging as transformers_logging
 
@@ -167,7 +168,7 @@ def _tiny_esm_bytes() -> tuple[bytes, bytes]:
     return esm_checkpoint_bytes(build_tiny_esm())
 
 
-def esm_checkpoint_bytes(model: "ESM2") -> tuple[bytes, bytes]:
+def esm_checkpoint_bytes(model: ESM2) -> tuple[bytes, bytes]:
     """(checkpoint, contact regression) of `model` as fair-esm publishes them for ESM-2."""
     state = model.state_dict()
     regression_keys = [key for key in state if key.startswith("contact_head.regression.")]

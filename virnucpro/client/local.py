@@ -9,9 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from broker.client import BrokerClient
 from broker.security import SECRET_ENV, SERVER_KEY_ENV
@@ -169,7 +170,7 @@ class LocalCluster:
                     child.process.kill()
                     child.process.wait()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:

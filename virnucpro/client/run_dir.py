@@ -8,8 +8,9 @@ continues after any interruption and recomputes nothing that finished.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from virnucpro.pipeline.fasta import fasta_stats
 from virnucpro.pipeline.gpu_weights import WeightTable, assign_files_weighted, load_weight_table
@@ -26,7 +27,7 @@ class BaseEmbeddingWorker(ABC):
         """Embed `file_subset` on one device; return (outputs written, (input, reason) failures)."""
 
     @abstractmethod
-    def get_optimal_batch_size(self, device: "torch.device") -> int:
+    def get_optimal_batch_size(self, device: torch.device) -> int:
         """Batch size (sequences or tokens, per model) that fits `device`."""
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gzip
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
@@ -55,8 +56,7 @@ def read_fasta(path: str | Path) -> Iterator[tuple[str, str]]:
                     f"{path}: not a FASTA file (the first non-blank line must start with '>', "
                     f"found {first[:40]!r})"
                 )
-            for title, sequence in SimpleFastaParser(_chain_line(first, handle)):
-                yield title, sequence
+            yield from SimpleFastaParser(_chain_line(first, handle))
         except UnicodeDecodeError:
             raise FastaError(f"{path}: not a text FASTA file (binary content)") from None
         except (OSError, EOFError) as exc:

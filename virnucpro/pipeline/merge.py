@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -92,11 +93,11 @@ def merge_pair(dnabert_path: str | Path, esm_path: str | Path, output_path: str 
     dnabert_path, esm_path, output_path = Path(dnabert_path), Path(esm_path), Path(output_path)
     nucleotide = _load(dnabert_path, ("nucleotide", "data"))
     protein = _load(esm_path, ("proteins", "data"))
-    proteins = dict(zip(protein["proteins"], protein["data"]))
+    proteins = dict(zip(protein["proteins"], protein["data"], strict=True))
     ids: list[str] = []
     rows: list[torch.Tensor] = []
     missing = 0
-    for label, entry in zip(nucleotide["nucleotide"], nucleotide["data"]):
+    for label, entry in zip(nucleotide["nucleotide"], nucleotide["data"], strict=True):
         if label not in proteins:
             missing += 1
             continue

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ def write_predictions(
                     f"{model.input_dim}; use the classifier that matches the embedding models"
                 )
             scores = predict_scores(model, features).numpy()
-            for sequence_id, (score1, score2) in zip(ids, scores):
+            for sequence_id, (score1, score2) in zip(ids, scores, strict=True):
                 results.write(
                     f"{sequence_id}\t{label_for(score1, score2)}\t{format_score(score1)}\t{format_score(score2)}\n"
                 )

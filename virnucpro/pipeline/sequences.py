@@ -1,6 +1,6 @@
 """Cut reads into chunks, keep their stop-free reading frames, and split them into paired FASTA files.
 
-These are the sequence stages of VirNucPro (PIPELINE.md sections 1-3), done in
+These are the sequence stages of VirNucPro (docs/method.md, sections 1-3), done in
 one streaming pass: memory does not grow with the input, so a 22M-read sample
 is split as easily as a small one.
 """
@@ -8,10 +8,10 @@ is split as easily as a small one.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, islice, product
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from virnucpro.atomic import atomic_write
 from virnucpro.pipeline.fasta import FastaError, read_fasta
@@ -23,7 +23,7 @@ EXPECTED_LENGTHS = (300, 500)
 _CODON_TABLE = dict(
     zip(
         ("".join(codon) for codon in product("TCAG", repeat=3)),
-        "FFLLSSSSYY**CC*WLLLLPPPPHHQQRRRRIIIMTTTTNNKKSSRRVVVVAAAADDEEGGGG",
+        "FFLLSSSSYY**CC*WLLLLPPPPHHQQRRRRIIIMTTTTNNKKSSRRVVVVAAAADDEEGGGG", strict=True,
     )
 )
 _COMPLEMENT = str.maketrans("ACGT", "TGCA")

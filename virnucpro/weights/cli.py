@@ -98,7 +98,7 @@ def _print_refinement(console: Console, refinement: Refinement, stage: str) -> N
     out = Table(*RESULT_COLUMNS, title="Refined GPU weights")
     for column in out.columns[1:]:
         column.justify = "right"
-    for model, row in zip(refinement.models, result_rows(refinement)):
+    for model, row in zip(refinement.models, result_rows(refinement), strict=True):
         out.add_row(*row, style=None if model.jobs else "dim")
     console.print(out)
     if not refinement.jobs_used:
