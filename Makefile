@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-output
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[models,plot,test]"
+	$(PY) -m pip install -q -e ".[models,plot,test,lint]"
 	touch $@
 
 # Example reads from a fixed seed, predicted with the tiny models by two CPU workers
@@ -25,7 +25,11 @@ demo: install
 	$(VENV)/bin/virnucpro predict $(DEMO_DIR)/example_reads.fa -o $(DEMO_DIR)/predictions \
 		--models tiny --weighted --steal --workers 2
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -104,6 +104,10 @@ def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, ste
                        min_workers=min_workers, timeout=timeout))
 
 
+class _UsageErrorExit1(click.UsageError):
+    exit_code = 1
+
+
 class _PredictCommand(click.Command):
     """A command whose usage errors exit 1, since `predict` gives exit status 2 the meaning "partial"."""
 
@@ -111,8 +115,7 @@ class _PredictCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
-            exc.exit_code = 1
-            raise
+            raise _UsageErrorExit1(exc.format_message(), exc.ctx) from None
 
 
 def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:

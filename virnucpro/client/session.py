@@ -122,7 +122,8 @@ def broker_session(options: PredictOptions, devices: Sequence[str], work_dir: Pa
                       f"({', '.join(devices)}; {threads} CPU thread(s) each); logs in {cluster.log_dir}",
                       markup=False)
         console.print(f"throughput log: {options.throughput_log or default_log_path()}", markup=False)
-        with WatchedClient(cluster, CLIENT_TIMEOUT) as client:
+        client = WatchedClient(cluster, CLIENT_TIMEOUT)
+        with client:
             for stage, _, _ in STAGE_DIRS:
                 wait_for_workers(client, stage, len(devices), options.timeout, console)
             client.starting = False
