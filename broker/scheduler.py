@@ -19,6 +19,7 @@ reports in broker.reports. Policy (docs/architecture.md):
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,7 +45,7 @@ from broker.events import (
     WorkRequested,
 )
 from broker.reports import SUMMARY_FIELDS, job_report, status_snapshot
-from broker.state import Job, Task, Worker, WorkerStats
+from broker.state import JOB_STATES, TASK_STATES, Job, Task, Worker, WorkerStats
 from virnucpro.pipeline.gpu_weights import assign_files_weighted
 
 # Weight of the newest file in a worker's moving-average speed.
@@ -57,6 +58,10 @@ VICTIMS_CONSIDERED = 3
 TAIL_SCAN = 16
 # Ended jobs kept for status and late results; older ones are forgotten so a long-lived broker stays small.
 KEEP_ENDED_JOBS = 100
+
+
+class InvariantError(AssertionError):
+    """The core's derived bookkeeping disagrees with its primary state: a bug in the core, never bad input."""
 
 
 class Scheduler:
@@ -74,8 +79,10 @@ class Scheduler:
         self.counters: dict[str, int] = {}
         self._finishers: SortedList = SortedList()  # (predicted finish, worker id) of workers with a queue
         self._waiting: dict[str, Worker] = {}  # living workers that asked for work and got none yet
-        self._unmeasured: dict[str, Worker] = {}  # living workers with no observed speed yet
-        # Sums over living measured workers, kept as they change so the scale costs nothing to read.
+        # Living workers split by whether they have an observed speed yet.
+        self._measured: dict[str, Worker] = {}
+        self._unmeasured: dict[str, Worker] = {}
+        # Sums over the living measured workers, recomputed when they change so the scale costs nothing to read.
         self._measured_speed = 0.0
         self._measured_weight = 0.0
         self._job_seq = itertools.count()
@@ -99,7 +106,7 @@ class Scheduler:
     @property
     def measured(self) -> bool:
         """True once a living worker has an observed speed."""
-        return self._measured_weight > 0
+        return bool(self._measured)
 
     def status(self, now: float) -> dict[str, Any]:
         """A snapshot of workers, jobs and counters for `virnucpro-broker status`."""
@@ -123,26 +130,33 @@ class Scheduler:
         if worker.alive == alive:
             return
         worker.alive = alive
-        sign = 1 if alive else -1
-        if worker.speed:
-            self._measured_speed += sign * worker.speed
-            self._measured_weight += sign * worker.weight
-        elif alive:
-            self._unmeasured[worker.id] = worker
+        group = self._measured if worker.speed else self._unmeasured
+        if alive:
+            group[worker.id] = worker
         else:
-            self._unmeasured.pop(worker.id, None)
-        if not alive:
+            del group[worker.id]
             self._waiting.pop(worker.id, None)
+        if worker.speed:
+            self._rescale()
 
     def _set_speed(self, worker: Worker, speed: float) -> None:
-        if worker.alive:
-            if worker.speed:
-                self._measured_speed -= worker.speed
-            else:
-                self._measured_weight += worker.weight
-                self._unmeasured.pop(worker.id, None)
-            self._measured_speed += speed
         worker.speed = speed
+        if worker.alive:
+            self._unmeasured.pop(worker.id, None)
+            self._measured[worker.id] = worker
+            self._rescale()
+
+    def _rescale(self) -> None:
+        """Recompute the scale after the living measured workers changed, and move the predictions that use it.
+
+        Recomputed rather than adjusted: sums kept by adding and subtracting
+        drift, and once the last measured worker left they would not return to
+        exactly zero (weights 1.0 + 1.2 - 1.0 - 1.2 leave 2.2e-16), leaving a
+        scale of noise, or of zero and a division by zero in the predictions.
+        """
+        self._measured_speed = sum(w.speed or 0.0 for w in self._measured.values())
+        self._measured_weight = sum(w.weight for w in self._measured.values())
+        self._reindex_unmeasured()
 
     def speed_of(self, worker: Worker, scale: float | None = None) -> float:
         """Observed speed once measured, else the weight on the measured workers' scale."""
@@ -169,7 +183,7 @@ class Scheduler:
             self._finishers.add(worker.finish_key)
 
     def _reindex_unmeasured(self) -> None:
-        # A new measurement moves the scale, and with it every unmeasured worker's prediction.
+        # A new scale moves every unmeasured worker's prediction.
         scale = self.scale()
         for worker in self._unmeasured.values():
             if worker.queue:
@@ -272,7 +286,7 @@ class Scheduler:
         out: list[Instruction] = []
         if worker.running is not None:
             # It asks for work, so it is not running what we think it runs.
-            out += self._assignment_lost(worker, event.now)
+            out += self._assignment_lost(worker, worker.running, event.now)
         self._waiting[worker.id] = worker
         return out + self._dispatch(event.now)
 
@@ -288,11 +302,11 @@ class Scheduler:
             and event.task != worker.running
             and event.now - worker.running_since > LOST_ASSIGNMENT_GRACE
         ):
-            return self._assignment_lost(worker, event.now) + self._dispatch(event.now)
+            return self._assignment_lost(worker, worker.running, event.now) + self._dispatch(event.now)
         return []
 
-    def _assignment_lost(self, worker: Worker, now: float) -> list[Instruction]:
-        task = self.tasks[worker.running]
+    def _assignment_lost(self, worker: Worker, running: str, now: float) -> list[Instruction]:
+        task = self.tasks[running]
         task.running_on.discard(worker.id)
         worker.running = None
         worker.idle_since = now
@@ -365,7 +379,6 @@ class Scheduler:
             self._set_speed(worker, observed if not worker.speed else (
                 SPEED_SMOOTHING * observed + (1 - SPEED_SMOOTHING) * worker.speed
             ))
-            self._reindex_unmeasured()
             self._reindex(worker)
         return Log({
             "event": "task_done", "time": now, "job": job.id, "stage": job.stage,
@@ -380,7 +393,7 @@ class Scheduler:
         worker = self.workers.get(event.worker)
         task = self.tasks.get(event.task)
         copy = None if worker is None or task is None else self._finish_copy(worker, task, event.now)
-        if copy is None:
+        if worker is None or task is None or copy is None:
             self.count("result for a task the worker was not running")
             return []
         if task.state != "running" or copy == "lost":
@@ -580,3 +593,165 @@ class Scheduler:
             for worker in self.workers.values():
                 worker.per_job.pop(job.id, None)
             del self.jobs[job.id]
+
+    # -------------------------------------------------------- invariants
+
+    def validate(self) -> None:
+        """Check every piece of derived bookkeeping against a recomputation from the primary state.
+
+        The primary state is each job's task list, each task's state, owner and
+        running copies, and each worker's liveness, running file, queue and
+        speed. Derived from it and kept as it changes: the task index, queued
+        costs, the unowned pool, the finish-time index, the waiting, measured
+        and unmeasured sets, the measured sums and the job counters. Raises
+        InvariantError naming the invariant and the worker, task or job.
+        O(workers + tasks) per call, so the tests and the simulator call it
+        after every event.
+        """
+        self._validate_tasks()
+        self._validate_queues()
+        self._validate_workers()
+        self._validate_speeds()
+        self._validate_finish_index()
+        self._validate_jobs()
+
+    def _validate_tasks(self) -> None:
+        listed = 0
+        for job in self.jobs.values():
+            for task in job.tasks:
+                listed += 1
+                if self.tasks.get(task.id) is not task or task.job is not job:
+                    raise InvariantError(f"task index: task {task.id} of job {job.id} is not indexed under its id")
+        if listed != len(self.tasks):
+            extra = sorted(t for t, task in self.tasks.items() if self.jobs.get(task.job.id) is not task.job)
+            raise InvariantError(f"task index: {len(self.tasks)} tasks indexed, {listed} in jobs; extra {extra}")
+        for task in self.tasks.values():
+            if task.state not in TASK_STATES:
+                raise InvariantError(f"task state: task {task.id} is {task.state!r}")
+            if task.state == "queued" and not task.job.open:
+                raise InvariantError(f"task state: task {task.id} is queued in {task.job.state} job {task.job.id}")
+            if task.state != "queued" and task.owner is not None:
+                raise InvariantError(f"task owner: {task.state} task {task.id} is still owned by {task.owner}")
+            if (task.state == "running") != bool(task.running_on):
+                raise InvariantError(
+                    f"running copies: task {task.id} is {task.state} with copies on {sorted(task.running_on)}"
+                )
+            for worker_id in task.running_on:
+                worker = self.workers.get(worker_id)
+                if worker is None or not worker.alive or worker.running != task.id:
+                    raise InvariantError(
+                        f"running copies: task {task.id} has a copy on {worker_id}, which is not a living worker "
+                        f"running it"
+                    )
+            for worker_id in task.lost_to:
+                if worker_id not in self.workers:
+                    raise InvariantError(f"lost copies: task {task.id} was lost to unknown worker {worker_id}")
+
+    def _validate_queues(self) -> None:
+        """Every queued task is held exactly once: in its owner's queue, or in the unowned pool if it has none."""
+        held: set[str] = set()
+        for key in self.unowned:
+            task = self.tasks.get(key[-1])
+            if task is None or task.key != key or task.state != "queued" or task.owner is not None or task.id in held:
+                raise InvariantError(f"unowned pool: holds {key[-1]}, which is not a queued task without an owner")
+            held.add(task.id)
+        for worker in self.workers.values():
+            cost = 0
+            for key in worker.queue:
+                task = self.tasks.get(key[-1])
+                if task is None or task.key != key or task.state != "queued" or task.owner != worker.id or (
+                    task.id in held
+                ):
+                    raise InvariantError(f"worker queue: {worker.id} holds {key[-1]}, which is not a task queued for it")
+                if task.job.stage not in worker.stages:
+                    raise InvariantError(f"worker queue: {worker.id} holds {task.id} of a stage it does not serve")
+                held.add(task.id)
+                cost += task.cost
+            if cost != worker.queued_cost:
+                raise InvariantError(f"queued_cost: worker {worker.id} records {worker.queued_cost}, its queue holds {cost}")
+        if len(held) != sum(1 for task in self.tasks.values() if task.state == "queued"):
+            missing = sorted(t.id for t in self.tasks.values() if t.state == "queued" and t.id not in held)
+            raise InvariantError(f"queued tasks held: {missing} are queued but in no queue and not in the unowned pool")
+
+    def _validate_workers(self) -> None:
+        for worker_id, worker in self.workers.items():
+            if worker.id != worker_id:
+                raise InvariantError(f"worker index: worker {worker.id} is indexed as {worker_id}")
+            if not worker.alive and (worker.queue or worker.running is not None):
+                raise InvariantError(f"dead workers hold nothing: {worker.id} is dead but queues or runs a task")
+            if worker.running is not None:
+                task = self.tasks.get(worker.running)
+                if task is None or worker.id not in task.running_on:
+                    raise InvariantError(
+                        f"running copies: worker {worker.id} runs {worker.running}, which has no copy on it"
+                    )
+            if any(job_id not in self.jobs for job_id in worker.per_job):
+                raise InvariantError(f"worker stats: {worker.id} keeps figures of a forgotten job")
+        for worker_id, worker in self._waiting.items():
+            if self.workers.get(worker_id) is not worker or not worker.alive or worker.running is not None:
+                raise InvariantError(f"waiting set: {worker_id} waits but is not a living idle worker")
+            if worker.queue:
+                raise InvariantError(f"waiting set: {worker_id} waits beside its own queue")
+            for key in self.unowned:
+                pooled = self.tasks[key[-1]]
+                if pooled.job.stage in worker.stages and self._may_retry_on(pooled, worker):
+                    raise InvariantError(f"waiting set: {worker_id} waits beside unowned task {pooled.id} it may run")
+
+    def _validate_finish_index(self) -> None:
+        scale = self.scale()
+        indexed = 0
+        for worker in self.workers.values():
+            key = worker.finish_key
+            if not (worker.alive and worker.queue):
+                if key is not None:
+                    raise InvariantError(f"finish index: worker {worker.id} has no queue but an entry {key}")
+                continue
+            indexed += 1
+            base = worker.running_since if worker.running is not None else worker.idle_since
+            if key is None or key[1] != worker.id or key not in self._finishers:
+                raise InvariantError(f"finish index: worker {worker.id} has a queue but no entry")
+            predicted = self.predicted_finish(worker, base, scale)
+            if key[0] != predicted:
+                raise InvariantError(
+                    f"finish index: worker {worker.id} is indexed to finish at {key[0]}, predicted {predicted}"
+                )
+        if indexed != len(self._finishers):
+            raise InvariantError(
+                f"finish index: {len(self._finishers)} entries for {indexed} living workers with a queue"
+            )
+
+    def _validate_speeds(self) -> None:
+        living = [w for w in self.workers.values() if w.alive]
+        for name, recorded, expected in (
+            ("measured set", self._measured, {w.id: w for w in living if w.speed}),
+            ("unmeasured set", self._unmeasured, {w.id: w for w in living if not w.speed}),
+        ):
+            if recorded.keys() != expected.keys() or any(recorded[i] is not w for i, w in expected.items()):
+                raise InvariantError(f"{name}: holds {sorted(recorded)}, the living workers say {sorted(expected)}")
+        measured = [w for w in living if w.speed]
+        for name, recorded_sum, recomputed in (
+            ("_measured_speed", self._measured_speed, sum(w.speed or 0.0 for w in measured)),
+            ("_measured_weight", self._measured_weight, sum(w.weight for w in measured)),
+        ):
+            if not math.isclose(recorded_sum, recomputed, rel_tol=1e-9, abs_tol=1e-12):
+                raise InvariantError(f"{name}: records {recorded_sum}, the living measured workers sum to {recomputed}")
+
+    def _validate_jobs(self) -> None:
+        for job_id, job in self.jobs.items():
+            if job.id != job_id or job.state not in JOB_STATES:
+                raise InvariantError(f"job index: job {job.id} ({job.state!r}) is indexed as {job_id}")
+            done = [t for t in job.tasks if t.state == "done"]
+            failed = sum(1 for t in job.tasks if t.state == "failed")
+            if (job.done, job.failed) != (len(done), failed):
+                raise InvariantError(
+                    f"job counters: job {job.id} counts {job.done} done, {job.failed} failed; "
+                    f"its tasks say {len(done)}, {failed}"
+                )
+            residues = sum(t.cost for t in done)
+            if job.residues_done != residues:
+                raise InvariantError(f"residues_done: job {job.id} counts {job.residues_done}, its done tasks {residues}")
+            ended = job.done + job.failed == len(job.tasks)
+            if job.open and (ended or job.finished is not None):
+                raise InvariantError(f"job state: job {job.id} is running with every task ended or an end time")
+            if job.state == "finished" and not ended or not job.open and job.finished is None:
+                raise InvariantError(f"job state: job {job.id} is {job.state} with tasks left or no end time")

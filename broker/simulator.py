@@ -18,6 +18,7 @@ from typing import Any
 
 from broker.events import (
     Assign,
+    Event,
     FileSpec,
     Heartbeat,
     JobFinished,
@@ -80,8 +81,12 @@ class SimResult:
 
 
 def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_timeout: float = 10.0,
-             max_attempts: int = 3, horizon: float = 100_000.0) -> SimResult:
-    """Play `workers` against the core until every job finished or `horizon` seconds of simulated time passed."""
+             max_attempts: int = 3, horizon: float = 100_000.0, validate: bool = False) -> SimResult:
+    """Play `workers` against the core until every job finished or `horizon` seconds of simulated time passed.
+
+    validate: check the core's invariants (Scheduler.validate) after every event;
+    the tests turn it on, a maintainer comparing policies at full scale need not.
+    """
     scheduler = Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts)
     result = SimResult(scheduler=scheduler)
     by_id = {w.id: w for w in workers}
@@ -104,6 +109,12 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
     for job in jobs:
         push(job.at, "submit", job)
     push(1.0, "tick")
+
+    def handle(event: Event, now: float) -> None:
+        out = scheduler.handle(event)
+        if validate:
+            scheduler.validate()
+        perform(out, now)
 
     def stalled(wid: str, now: float) -> bool:
         stall = by_id[wid].stall
@@ -155,17 +166,18 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             break
         if kind in ("join", "rejoin", "done", "fail", "revoked"):
             wid = payload if isinstance(payload, str) else payload[0]
-            if stalled(wid, now):
-                push(by_id[wid].stall[1], kind, payload)  # its messages wait for the link to come back
+            stall = by_id[wid].stall
+            if stall is not None and stall[0] <= now < stall[1]:
+                push(stall[1], kind, payload)  # its messages wait for the link to come back
                 continue
         if kind == "rejoin":
             # A worker told to register again does so; it keeps running its file and asks for work only when idle.
             w = by_id[payload]
             if payload in crashed:
                 continue
-            perform(scheduler.handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now)), now)
+            handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now), now)
             if running[payload] is None:
-                perform(scheduler.handle(WorkRequested(w.id, now)), now)
+                handle(WorkRequested(w.id, now), now)
         elif kind == "join":
             w = by_id[payload]
             if payload in crashed:
@@ -173,37 +185,37 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             joined.add(payload)
             running[payload] = None
             token[payload] += 1
-            perform(scheduler.handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now)), now)
-            perform(scheduler.handle(WorkRequested(w.id, now)), now)
+            handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now), now)
+            handle(WorkRequested(w.id, now), now)
         elif kind == "die":
             crashed.add(payload)
         elif kind == "submit":
-            job: SimJob = payload
-            perform(scheduler.handle(JobSubmitted(job.id, STAGE, f"out/{job.id}", file_specs(job.costs, f"{job.id}-"),
-                                                  job.weighted, job.steal, now)), now)
+            sim_job: SimJob = payload
+            handle(JobSubmitted(sim_job.id, STAGE, f"out/{sim_job.id}", file_specs(sim_job.costs, f"{sim_job.id}-"),
+                                sim_job.weighted, sim_job.steal, now), now)
         elif kind in ("done", "fail"):
             wid, task, tok = payload[:3]
             if wid in crashed or token[wid] != tok:
                 continue
             running[wid] = None
             if kind == "done":
-                perform(scheduler.handle(TaskSucceeded(wid, task, payload[3], False, now)), now)
+                handle(TaskSucceeded(wid, task, payload[3], False, now), now)
             else:
-                perform(scheduler.handle(TaskFailed(wid, task, f"poison file on {wid}", now)), now)
-            perform(scheduler.handle(WorkRequested(wid, now)), now)
+                handle(TaskFailed(wid, task, f"poison file on {wid}", now), now)
+            handle(WorkRequested(wid, now), now)
         elif kind == "revoked":
             wid, task = payload
             if wid in crashed:
                 continue
-            perform(scheduler.handle(TaskFailed(wid, task, "revoked by the broker", now)), now)
+            handle(TaskFailed(wid, task, "revoked by the broker", now), now)
             if running[wid] is None:
-                perform(scheduler.handle(WorkRequested(wid, now)), now)
+                handle(WorkRequested(wid, now), now)
         elif kind == "tick":
             for wid in sorted(joined - crashed):
                 if stalled(wid, now):
                     continue
-                perform(scheduler.handle(Heartbeat(wid, running[wid], now)), now)
-            perform(scheduler.handle(Tick(now)), now)
+                handle(Heartbeat(wid, running[wid], now), now)
+            handle(Tick(now), now)
             push(now + 1.0, "tick")
     result.end = now
     return result

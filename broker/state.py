@@ -8,6 +8,9 @@ from sortedcontainers import SortedList
 
 from broker.events import FileSpec
 
+TASK_STATES = ("queued", "running", "done", "failed", "cancelled")
+JOB_STATES = ("running", "finished", "cancelled")
+
 
 @dataclass
 class Task:

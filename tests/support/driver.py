@@ -1,8 +1,9 @@
 """Test helpers that drive the scheduler core by hand, with a fake clock.
 
 `Driver` wraps a `Scheduler` with a clock the test sets by hand, so a unit test
-reads as the event sequence it pins. The discrete-event simulation the tests
-also use is tools/simulate.py's, the one maintainers run.
+reads as the event sequence it pins; after every event it checks the core's
+invariants (Scheduler.validate). The discrete-event simulation the tests also
+use is broker.simulator's, the one tools/simulate.py runs.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def finished(out: Iterable[Any]) -> list[JobFinished]:
 
 
 class Driver:
-    """A scheduler with a fake clock: set `now` (or pass `at=`), call an event method, read its instructions."""
+    """A scheduler with a fake clock: set `now` (or pass `at=`), call an event method, read its instructions.
+
+    Every event is followed by Scheduler.validate(), so each test also checks that
+    the core's bookkeeping stays consistent along the way.
+    """
 
     def __init__(self, **scheduler_options: Any) -> None:
         self.scheduler = Scheduler(**scheduler_options)
@@ -54,6 +59,7 @@ class Driver:
 
     def _feed(self, event: Any) -> list[Any]:
         out = self.scheduler.handle(event)
+        self.scheduler.validate()
         self.history.extend(out)
         return out
 
