@@ -2,12 +2,17 @@
 
 It decodes and validates each message, turns it into a scheduler event,
 and performs the instructions that come back. Nothing here decides policy.
+
+The core runs on time.monotonic(), so leases and ages hold when the wall
+clock is stepped; times people read (the throughput log's `time`, a job's
+`submitted` and `finished`) become Unix seconds here, as they leave.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -82,15 +87,15 @@ class BrokerServer:
         weights: WeightTable,
         log: ThroughputLog,
         heartbeat_interval: float = 1.0,
-        clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] = time.time,
         curve: tuple[Path, Path] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.weights = weights
         self.log = log
         self.heartbeat_interval = heartbeat_interval
-        self.clock = clock
-        self.started = clock()
+        self.wall_clock = wall_clock  # Unix seconds, read only to stamp times people read
+        self.started = time.monotonic()
         self.reports: dict[str, dict[str, Any]] = {}
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
@@ -111,11 +116,11 @@ class BrokerServer:
         try:
             while not stop.is_set():
                 timeout = max(0.0, min(next_tick - time.monotonic(), 0.2))
-                if poller.poll(timeout * 1000):
+                if poller.poll(math.ceil(timeout * 1000)):
                     self._drain()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.heartbeat_interval
-                    self._perform(self.scheduler.handle(Tick(self.clock())))
+                    self._perform(self.scheduler.handle(Tick(time.monotonic())))
         finally:
             self._socket.close(0)
             if self._authenticator is not None:
@@ -154,7 +159,7 @@ class BrokerServer:
         worker = identity.hex()
         weight = self.weights.lookup(m["gpu"])
         instructions = self.scheduler.handle(
-            WorkerJoined(worker, m["name"], m["host"], m["gpu"], weight, tuple(m["stages"]), self.clock())
+            WorkerJoined(worker, m["name"], m["host"], m["gpu"], weight, tuple(m["stages"]), time.monotonic())
         )
         name = self.scheduler.workers[worker].name
         self._send(identity, "registered", worker=worker, name=name, weight=weight,
@@ -162,24 +167,24 @@ class BrokerServer:
         self._perform(instructions)
 
     def _request(self, identity: bytes, m: dict[str, Any]) -> None:
-        self._perform(self.scheduler.handle(WorkRequested(identity.hex(), self.clock())))
+        self._perform(self.scheduler.handle(WorkRequested(identity.hex(), time.monotonic())))
 
     def _heartbeat(self, identity: bytes, m: dict[str, Any]) -> None:
-        instructions = self.scheduler.handle(Heartbeat(identity.hex(), m["task"], self.clock(), m.get("gauges")))
+        instructions = self.scheduler.handle(Heartbeat(identity.hex(), m["task"], time.monotonic(), m.get("gauges")))
         if not any(isinstance(i, Reregister) for i in instructions):
             self._send(identity, "ack")
         self._perform(instructions)
 
     def _done(self, identity: bytes, m: dict[str, Any]) -> None:
         self._perform(self.scheduler.handle(
-            TaskSucceeded(identity.hex(), m["task"], float(m["seconds"]), m["skipped"], self.clock())
+            TaskSucceeded(identity.hex(), m["task"], float(m["seconds"]), m["skipped"], time.monotonic())
         ))
 
     def _failed(self, identity: bytes, m: dict[str, Any]) -> None:
-        self._perform(self.scheduler.handle(TaskFailed(identity.hex(), m["task"], m["reason"], self.clock())))
+        self._perform(self.scheduler.handle(TaskFailed(identity.hex(), m["task"], m["reason"], time.monotonic())))
 
     def _bye(self, identity: bytes, m: dict[str, Any]) -> None:
-        self._perform(self.scheduler.handle(WorkerLeft(identity.hex(), self.clock())))
+        self._perform(self.scheduler.handle(WorkerLeft(identity.hex(), time.monotonic())))
 
     def _submit(self, identity: bytes, m: dict[str, Any]) -> None:
         problem = check_paths(m["output_dir"], m["files"])
@@ -190,7 +195,7 @@ class BrokerServer:
         job = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         files = tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"]) for f in m["files"])
         instructions = self.scheduler.handle(
-            JobSubmitted(job, m["stage"], m["output_dir"], files, m["weighted"], m["steal"], self.clock())
+            JobSubmitted(job, m["stage"], m["output_dir"], files, m["weighted"], m["steal"], time.monotonic())
         )
         self._send(identity, "submitted", job=job)
         self._perform(instructions)
@@ -199,12 +204,15 @@ class BrokerServer:
         self._send_job_state(identity, m["job"])
 
     def _cancel(self, identity: bytes, m: dict[str, Any]) -> None:
-        self._perform(self.scheduler.handle(JobCancelled(m["job"], self.clock())))
+        self._perform(self.scheduler.handle(JobCancelled(m["job"], time.monotonic())))
         self._send_job_state(identity, m["job"])
 
     def _status(self, identity: bytes, m: dict[str, Any]) -> None:
-        now = self.clock()
+        now = time.monotonic()
         status = self.scheduler.status(now)
+        offset = self._unix_offset()
+        for job in status["jobs"]:
+            job["submitted"] += offset
         status["broker"] = {"address": self.address, "log": str(self.log.path), "uptime": now - self.started}
         self._send(identity, "status_report", status=status)
 
@@ -223,10 +231,15 @@ class BrokerServer:
         self._send(identity, "job_state", job=job_id, state=job.state,
                    progress=job_progress(job), report=self.reports.get(job_id))
 
+    def _unix_offset(self) -> float:
+        """What turns a time on the core's monotonic clock into Unix seconds, by the wall clock now."""
+        return self.wall_clock() - time.monotonic()
+
     def _send(self, identity: bytes, kind: str, **fields: Any) -> None:
         self._socket.send_multipart([identity, protocol.encode(kind, **fields)])
 
     def _perform(self, instructions: list[Instruction]) -> None:
+        offset = self._unix_offset()  # one for the batch: the records of one event keep one time
         for instruction in instructions:
             if isinstance(instruction, Assign):
                 self._send(bytes.fromhex(instruction.worker), "assign", task=instruction.task, job=instruction.job,
@@ -236,9 +249,12 @@ class BrokerServer:
             elif isinstance(instruction, Reregister):
                 self._send(bytes.fromhex(instruction.worker), "reregister")
             elif isinstance(instruction, Log):
-                self.log.append(instruction.record)
+                self.log.append({**instruction.record, "time": instruction.record["time"] + offset})
             elif isinstance(instruction, JobFinished):
-                self.reports[instruction.job] = instruction.report
+                self.reports[instruction.job] = {
+                    **instruction.report, "submitted": instruction.report["submitted"] + offset,
+                    "finished": instruction.report["finished"] + offset,
+                }
                 for forgotten in [job for job in self.reports if job not in self.scheduler.jobs]:
                     del self.reports[forgotten]
                 self.log.sync()
