@@ -110,11 +110,11 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
         push(job.at, "submit", job)
     push(1.0, "tick")
 
-    def handle(event: Event, now: float) -> None:
+    def handle(event: Event) -> None:
         out = scheduler.handle(event)
         if validate:
             scheduler.validate()
-        perform(out, now)
+        perform(out, event.now)
 
     def stalled(wid: str, now: float) -> bool:
         stall = by_id[wid].stall
@@ -175,9 +175,9 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             w = by_id[payload]
             if payload in crashed:
                 continue
-            handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now), now)
+            handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now))
             if running[payload] is None:
-                handle(WorkRequested(w.id, now), now)
+                handle(WorkRequested(w.id, now))
         elif kind == "join":
             w = by_id[payload]
             if payload in crashed:
@@ -185,37 +185,37 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             joined.add(payload)
             running[payload] = None
             token[payload] += 1
-            handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now), now)
-            handle(WorkRequested(w.id, now), now)
+            handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now))
+            handle(WorkRequested(w.id, now))
         elif kind == "die":
             crashed.add(payload)
         elif kind == "submit":
             sim_job: SimJob = payload
             handle(JobSubmitted(sim_job.id, STAGE, f"out/{sim_job.id}", file_specs(sim_job.costs, f"{sim_job.id}-"),
-                                sim_job.weighted, sim_job.steal, now), now)
+                                sim_job.weighted, sim_job.steal, now))
         elif kind in ("done", "fail"):
             wid, task, tok = payload[:3]
             if wid in crashed or token[wid] != tok:
                 continue
             running[wid] = None
             if kind == "done":
-                handle(TaskSucceeded(wid, task, payload[3], False, now), now)
+                handle(TaskSucceeded(wid, task, payload[3], False, now))
             else:
-                handle(TaskFailed(wid, task, f"poison file on {wid}", now), now)
-            handle(WorkRequested(wid, now), now)
+                handle(TaskFailed(wid, task, f"poison file on {wid}", now))
+            handle(WorkRequested(wid, now))
         elif kind == "revoked":
             wid, task = payload
             if wid in crashed:
                 continue
-            handle(TaskFailed(wid, task, "revoked by the broker", now), now)
+            handle(TaskFailed(wid, task, "revoked by the broker", now))
             if running[wid] is None:
-                handle(WorkRequested(wid, now), now)
+                handle(WorkRequested(wid, now))
         elif kind == "tick":
             for wid in sorted(joined - crashed):
                 if stalled(wid, now):
                     continue
-                handle(Heartbeat(wid, running[wid], now), now)
-            handle(Tick(now), now)
+                handle(Heartbeat(wid, running[wid], now))
+            handle(Tick(now))
             push(now + 1.0, "tick")
     result.end = now
     return result

@@ -733,9 +733,8 @@ def corrupt_unowned_pool(s):
 
 def corrupt_running_on(s):
     task = s.tasks[running_task(s)]
-    worker = next(iter(task.running_on))
     task.running_on.clear()
-    return "running copies", task.id if task.state == "running" else worker
+    return "running copies", task.id
 
 
 def corrupt_worker_running(s):
