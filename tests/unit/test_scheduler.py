@@ -848,7 +848,7 @@ def play_random_events(data, steps: int) -> Driver:
     return d
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_events_in_any_order_keep_the_cores_bookkeeping_consistent(data):
     """The driver validates after every event: a violated invariant, or any exception in the core, fails this."""
