@@ -8,17 +8,17 @@ receiver counts and drops.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
+
+from broker import fields
+from broker.fields import Check, FieldError
 
 VERSION = 1
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "VIRNUCPRO_BROKER"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-MAX_TEXT = 4096
 MAX_FILES = 200_000
 STAGES = ("dnabert", "esm", "synthetic")
 
@@ -27,96 +27,48 @@ class ProtocolError(ValueError):
     """A message that must be dropped; the reason names the bad field."""
 
 
-def _text(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_TEXT
-
-
-def _optional_text(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and len(value) <= MAX_TEXT)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _non_negative(value: Any) -> bool:
-    return _number(value) and value >= 0
-
-
-def _positive(value: Any) -> bool:
-    return _number(value) and value > 0
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _flag(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
-def _stage(value: Any) -> bool:
-    return value in STAGES
-
-
-def _stages(value: Any) -> bool:
-    return isinstance(value, list) and 0 < len(value) <= len(STAGES) and all(_stage(s) for s in value)
-
-
-def _file_spec(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and set(value) == {"path", "output", "sequences", "residues"}
-        and _text(value["path"])
-        and _text(value["output"])
-        and _count(value["sequences"])
-        and _count(value["residues"])
-    )
-
-
-def _files(value: Any) -> bool:
-    return isinstance(value, list) and 0 < len(value) <= MAX_FILES and all(_file_spec(f) for f in value)
-
-
-def _gauges(value: Any) -> bool:
-    return value is None or (
-        isinstance(value, dict) and len(value) <= 16 and all(_text(k) and _number(v) for k, v in value.items())
-    )
-
-
-Check = Callable[[Any], bool]
+STAGE = fields.one_of(STAGES)
+FILE_SPEC = fields.exact_map(
+    {"path": fields.text, "output": fields.text, "sequences": fields.count, "residues": fields.count}
+)
+GAUGES = fields.optional(fields.map_of(fields.text, fields.number, most=16))
 
 # Field checks per message type; a field whose name ends in "?" may be absent.
 SCHEMAS: dict[str, dict[str, Check]] = {
     # worker -> broker
-    "register": {"name": _text, "host": _text, "gpu": _text, "device": _text, "stages": _stages, "pid": _count},
+    "register": {"name": fields.text, "host": fields.text, "gpu": fields.text, "device": fields.text,
+                 "stages": fields.list_of(STAGE, most=len(STAGES)), "pid": fields.count},
     "request": {},
-    "heartbeat": {"task": _optional_text, "gauges?": _gauges},
-    "done": {"task": _text, "seconds": _non_negative, "sequences": _count, "residues": _count, "skipped": _flag},
-    "failed": {"task": _text, "reason": _text},
+    "heartbeat": {"task": fields.optional(fields.string), "gauges?": GAUGES},
+    "done": {"task": fields.text, "seconds": fields.non_negative, "sequences": fields.count,
+             "residues": fields.count, "skipped": fields.flag},
+    "failed": {"task": fields.text, "reason": fields.text},
     "bye": {},
     # client -> broker
-    "submit": {"stage": _stage, "output_dir": _text, "files": _files, "weighted": _flag, "steal": _flag},
-    "job": {"job": _text},
-    "cancel": {"job": _text},
+    "submit": {"stage": STAGE, "output_dir": fields.text, "files": fields.list_of(FILE_SPEC, most=MAX_FILES),
+               "weighted": fields.flag, "steal": fields.flag},
+    "job": {"job": fields.text},
+    "cancel": {"job": fields.text},
     "status": {},
     # broker -> worker
-    "registered": {"worker": _text, "name": _text, "weight": _positive, "heartbeat_interval": _positive},
-    "assign": {"task": _text, "job": _text, "stage": _stage, "path": _text, "output": _text},
-    "revoke": {"task": _text},
+    "registered": {"worker": fields.text, "name": fields.text, "weight": fields.positive,
+                   "heartbeat_interval": fields.positive},
+    "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output": fields.text},
+    "revoke": {"task": fields.text},
     "reregister": {},
     "ack": {},
     # broker -> client
-    "submitted": {"job": _text},
-    "job_state": {"job": _text, "state": _text, "progress": lambda v: isinstance(v, dict), "report?": lambda v: v is None or isinstance(v, dict)},
-    "status_report": {"status": lambda v: isinstance(v, dict)},
-    "error": {"reason": _text},
+    "submitted": {"job": fields.text},
+    "job_state": {"job": fields.text, "state": fields.text, "progress": fields.any_map,
+                  "report?": fields.optional(fields.any_map)},
+    "status_report": {"status": fields.any_map},
+    "error": {"reason": fields.text},
 }
 
 
-def encode(kind: str, **fields: Any) -> bytes:
+def encode(kind: str, **values: Any) -> bytes:
     """One message as bytes. The receiver validates it; the sender does not pay for that twice."""
-    return msgpack.packb({"v": VERSION, "type": kind, **fields}, use_bin_type=True)
+    return msgpack.packb({"v": VERSION, "type": kind, **values}, use_bin_type=True)
 
 
 def decode(frame: bytes) -> dict[str, Any]:
@@ -151,5 +103,7 @@ def validate(message: Any) -> None:
             if name.endswith("?"):
                 continue
             raise ProtocolError(f"{kind}: missing field {key!r}")
-        if not check(message[key]):
-            raise ProtocolError(f"{kind}: bad value for field {key!r}")
+        try:
+            check(message[key])
+        except FieldError as exc:
+            raise ProtocolError(f"{kind}: bad value for field {key!r}: {exc}") from None
