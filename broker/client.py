@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -33,7 +34,7 @@ class BrokerClient:
         self.address = address
         self.timeout = timeout
         self.curve = curve  # take CURVE keys from the environment, if set there
-        self._context = zmq.Context.instance()
+        self._context: zmq.Context = zmq.Context.instance()
         self._socket: zmq.Socket | None = None
 
     def _connect(self) -> zmq.Socket:
@@ -58,7 +59,7 @@ class BrokerClient:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not socket.poll(remaining * 1000):
+            if remaining <= 0 or not socket.poll(math.ceil(remaining * 1000)):
                 self._reset()
                 raise BrokerUnreachable(f"no answer from the broker at {self.address} within {self.timeout:g} s")
             try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from broker.records import LogRecord
+
 # ----------------------------------------------------------------- events
 
 
@@ -137,7 +139,7 @@ class JobFinished:
 class Log:
     """Append `record` to the throughput log."""
 
-    record: dict[str, Any]
+    record: LogRecord
 
 
 @dataclass(frozen=True)

@@ -106,11 +106,6 @@ def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:
     return {"workers": workers, "jobs": jobs, "unowned": view.unowned_count, "counters": dict(view.counters)}
 
 
-SUMMARY_FIELDS = (
-    "worker", "gpu", "predicted_weight", "observed_weight", "files", "residues", "busy_seconds", "residues_per_s",
-)
-
-
 def makespan_lower_bound(costs: Sequence[float], speeds: Sequence[float]) -> float:
     """The shortest possible makespan of files with these costs on workers of these speeds.
 

@@ -44,7 +44,8 @@ from broker.events import (
     WorkerLeft,
     WorkRequested,
 )
-from broker.reports import SUMMARY_FIELDS, job_report, status_snapshot
+from broker.records import TaskDone, WorkerSummary
+from broker.reports import job_report, status_snapshot
 from broker.state import JOB_STATES, TASK_STATES, Job, Task, Worker, WorkerStats
 from virnucpro.pipeline.gpu_weights import assign_files_weighted
 
@@ -380,14 +381,14 @@ class Scheduler:
                 SPEED_SMOOTHING * observed + (1 - SPEED_SMOOTHING) * worker.speed
             ))
             self._reindex(worker)
-        return Log({
-            "event": "task_done", "time": now, "job": job.id, "stage": job.stage,
-            "worker": worker.name, "host": worker.host, "gpu": worker.gpu,
-            "predicted_weight": worker.weight, "file": task.spec.path,
-            "sequences": task.spec.sequences, "residues": task.cost, "seconds": seconds,
-            "residues_per_s": task.cost / seconds if seconds > 0 else None,
-            "stolen": stolen,
-        })
+        return Log(TaskDone(
+            time=now, job=job.id, stage=job.stage,
+            worker=worker.name, host=worker.host, gpu=worker.gpu,
+            predicted_weight=worker.weight, file=task.spec.path,
+            sequences=task.spec.sequences, residues=task.cost, seconds=seconds,
+            residues_per_s=task.cost / seconds if seconds > 0 else None,
+            stolen=stolen,
+        ))
 
     def _on_failed(self, event: TaskFailed) -> list[Instruction]:
         worker = self.workers.get(event.worker)
@@ -577,8 +578,7 @@ class Scheduler:
         job.finished = now
         report = job_report(job, self.workers.values())
         out: list[Instruction] = [
-            Log({"event": "worker_summary", "time": now, "job": job.id, "stage": job.stage,
-                 **{k: row[k] for k in SUMMARY_FIELDS}})
+            Log(WorkerSummary.of_report_row(row, time=now, job=job.id, stage=job.stage))
             for row in report["workers"]
         ]
         out.append(JobFinished(job.id, report))

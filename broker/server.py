@@ -10,7 +10,6 @@ clock is stepped; times people read (the throughput log's `time`, a job's
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ from broker.events import (
     WorkRequested,
 )
 from broker.protocol import ProtocolError
+from broker.records import LogRecord
 from broker.reports import job_progress
 from broker.scheduler import Scheduler
 from broker.security import secure_server
@@ -66,8 +66,8 @@ class ThroughputLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(path, "a", encoding="utf-8")
 
-    def append(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+    def append(self, record: LogRecord) -> None:
+        self._handle.write(record.to_line() + "\n")
         self._handle.flush()
 
     def sync(self) -> None:

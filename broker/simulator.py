@@ -32,6 +32,7 @@ from broker.events import (
     WorkerJoined,
     WorkRequested,
 )
+from broker.records import TaskDone, WorkerSummary
 from broker.scheduler import Scheduler
 
 STAGE = "synthetic"
@@ -71,8 +72,8 @@ class SimResult:
     scheduler: Scheduler
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     finished_at: dict[str, float] = field(default_factory=dict)
-    task_done: list[dict[str, Any]] = field(default_factory=list)
-    worker_summaries: list[dict[str, Any]] = field(default_factory=list)
+    task_done: list[TaskDone] = field(default_factory=list)
+    worker_summaries: list[WorkerSummary] = field(default_factory=list)
     assigns: list[tuple[float, Assign]] = field(default_factory=list)
     assigns_to_dead: list[tuple[float, Assign]] = field(default_factory=list)  # to a worker the core declared dead
     assigns_to_busy: list[tuple[float, Assign]] = field(default_factory=list)  # to a worker already running a file
@@ -154,9 +155,9 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
                 result.reports[instruction.job] = instruction.report
                 result.finished_at[instruction.job] = now
             elif isinstance(instruction, Log):
-                if instruction.record["event"] == "task_done":
+                if isinstance(instruction.record, TaskDone):
                     result.task_done.append(instruction.record)
-                elif instruction.record["event"] == "worker_summary":
+                elif isinstance(instruction.record, WorkerSummary):
                     result.worker_summaries.append(instruction.record)
 
     now = 0.0

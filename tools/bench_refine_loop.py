@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 from bench_correction import write_inputs
@@ -23,7 +24,8 @@ from rich.console import Console
 from virnucpro.client.embed import plan_job, run_job
 from virnucpro.client.local import LocalCluster
 from virnucpro.pipeline.gpu_weights import load_weight_table
-from virnucpro.weights.refine import read_throughput_logs, refine_weights, write_weight_file
+from virnucpro.weights.logs import read_throughput_logs
+from virnucpro.weights.refine import refine_weights, write_weight_file
 
 BASE = 2000.0
 WORKERS = (("NVIDIA GeForce RTX 3090", 1.0), ("NVIDIA GeForce RTX 4090", 1.8), ("NVIDIA H100 80GB HBM3", 3.6))
@@ -42,7 +44,7 @@ def one_run(root: Path, label: str, files: list[Path], log: Path, weights: Path 
             "ratio": report["makespan"] / report["lower_bound"]}
 
 
-def run(unit: int) -> dict[str, object]:
+def run(unit: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-refine-") as scratch:
         root = Path(scratch)
         files = write_inputs(root / "inputs", unit)

@@ -9,7 +9,6 @@ with each worker's speed the residues per second it showed in this job.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from broker.records import TaskDone  # noqa: E402
 from virnucpro.pipeline.gpu_weights import WeightFileError, WeightTable, load_weight_table  # noqa: E402
-from virnucpro.weights.refine import TaskDone, ThroughputLog, ThroughputLogError, read_throughput_logs  # noqa: E402
+from virnucpro.weights.logs import ThroughputLog, ThroughputLogError, read_throughput_logs  # noqa: E402
 
 SEEDED_COLOUR = "#4e79a7"
 STOLEN_COLOUR = "#f28e2b"
@@ -37,8 +37,8 @@ class WorkerRow:
 
     worker: str
     model: str
-    predicted_weight: float
-    observed_weight: float
+    predicted_weight: float | None  # None when the log does not say
+    observed_weight: float | None
     speed: float  # residues per second over its files in this job
     tasks: list[TaskDone]
 
@@ -78,12 +78,12 @@ def worker_rows(log: ThroughputLog, job: str, table: WeightTable) -> list[Worker
         by_worker.setdefault(task.worker, []).append(task)
     rows = []
     for worker, own in by_worker.items():
-        predicted = next((t.predicted_weight for t in own if not math.isnan(t.predicted_weight)), math.nan)
+        predicted = next((t.predicted_weight for t in own if t.predicted_weight is not None), None)
         rows.append(WorkerRow(
             worker=worker,
             model=table.model_name(own[0].gpu),
-            predicted_weight=predicted if not math.isnan(predicted) else predicted_summary.get(worker, math.nan),
-            observed_weight=observed.get(worker, math.nan),
+            predicted_weight=predicted if predicted is not None else predicted_summary.get(worker),
+            observed_weight=observed.get(worker),
             speed=speeds.get(worker, 0.0),
             tasks=sorted(own, key=lambda t: t.start),
         ))
@@ -91,8 +91,8 @@ def worker_rows(log: ThroughputLog, job: str, table: WeightTable) -> list[Worker
     return rows
 
 
-def _weight(value: float) -> str:
-    return "?" if math.isnan(value) else f"{value:.2f}"
+def _weight(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
 
 
 def _rate(residues_per_s: float) -> str:

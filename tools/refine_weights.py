@@ -1,6 +1,6 @@
 """Refine the GPU weight table from broker throughput logs: `python tools/refine_weights.py LOG.jsonl... --out FILE`.
 
-The same command as `virnucpro weights refine`; see virnucpro/refine.py for the fit.
+The same command as `virnucpro weights refine`; see virnucpro/weights/refine.py for the fit.
 """
 
 from __future__ import annotations

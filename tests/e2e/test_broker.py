@@ -14,19 +14,11 @@ import pytest
 import zmq
 from rich.console import Console
 
+from broker.records import TaskDone, WorkerSummary
 from tests.support.cluster import BROKER, VIRNUCPRO, cluster, free_address, kill_hard
 from tests.support.fasta import write_fasta
 from virnucpro.client.embed import plan_job, run_job
 from virnucpro.pipeline.gpu_weights import GPU_WEIGHTS
-
-TASK_DONE_FIELDS = {
-    "event", "time", "job", "stage", "worker", "host", "gpu", "predicted_weight", "file", "sequences",
-    "residues", "seconds", "residues_per_s", "stolen",
-}
-SUMMARY_FIELDS = {
-    "event", "time", "job", "stage", "worker", "gpu", "predicted_weight", "observed_weight", "files",
-    "residues", "busy_seconds", "residues_per_s",
-}
 
 
 def make_inputs(directory: Path, sizes: list[int], record_length: int = 100) -> list[Path]:
@@ -193,7 +185,7 @@ def test_throughput_log_records_carry_every_field_with_correct_values(tmp_path):
     assert len(done) == 4 and len(summaries) == 2
     sizes = {str(f): n for f, n in zip(files, [1500, 3000, 4500, 6000], strict=True)}
     for record in done:
-        assert set(record) == TASK_DONE_FIELDS
+        assert tuple(record) == TaskDone.keys()
         assert record["residues"] == sizes[record["file"]]
         assert record["sequences"] == sizes[record["file"]] // 100
         assert record["stage"] == "synthetic" and record["host"] == socket.gethostname()
@@ -207,7 +199,7 @@ def test_throughput_log_records_carry_every_field_with_correct_values(tmp_path):
     sum_predicted = sum(s["predicted_weight"] for s in summaries)
     sum_speed = sum(s["residues_per_s"] for s in summaries)
     for summary in summaries:
-        assert set(summary) == SUMMARY_FIELDS
+        assert tuple(summary) == WorkerSummary.keys()
         mine = [r for r in done if r["worker"] == summary["worker"]]
         assert summary["files"] == len(mine)
         assert summary["residues"] == sum(r["residues"] for r in mine)

@@ -7,10 +7,10 @@ import pytest
 
 TORCH_FREE = [
     "broker", "broker.cli", "broker.server", "broker.scheduler", "broker.simulator", "broker.client",
-    "broker.security", "broker.status",
+    "broker.security", "broker.status", "broker.records",
     "virnucpro.cli", "virnucpro.worker.process", "virnucpro.worker.config", "virnucpro.backends.synthetic",
     "virnucpro.client.embed", "virnucpro.client.local", "virnucpro.stages",
-    "virnucpro.pipeline.sequences", "virnucpro.pipeline.fasta", "virnucpro.weights.refine",
+    "virnucpro.pipeline.sequences", "virnucpro.pipeline.fasta", "virnucpro.weights.logs", "virnucpro.weights.refine",
     "virnucpro.weights.cli", "virnucpro.pipeline.gpu_weights",
 ]
 

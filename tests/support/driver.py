@@ -38,7 +38,7 @@ def of_type(out: Iterable[Any], kind: type) -> list[Any]:
 
 
 def log_records(out: Iterable[Any], event: str) -> list[dict[str, Any]]:
-    return [i.record for i in out if isinstance(i, Log) and i.record.get("event") == event]
+    return [i.record.to_dict() for i in out if isinstance(i, Log) and i.record.EVENT == event]
 
 
 def finished(out: Iterable[Any]) -> list[JobFinished]:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from broker.records import TaskDone, WorkerSummary
 from tools import plot_timeline
 from virnucpro.pipeline.gpu_weights import load_weight_table
-from virnucpro.weights.refine import TaskDone, ThroughputLog
+from virnucpro.weights.logs import ThroughputLog
 
 
 def task(worker: str, gpu: str, start: float, seconds: float, residues: int, file: str, job: str = "j",
@@ -55,6 +56,16 @@ def test_rows_list_workers_fastest_first_with_model_and_both_weights():
     assert [r.speed for r in rows] == [pytest.approx(200.0), pytest.approx(100.0)]
 
 
+def test_rows_of_an_older_log_without_task_weights_take_the_predicted_weight_of_the_summary():
+    tasks = [replace(t, predicted_weight=None) for t in two_worker_job()]
+    summaries = [WorkerSummary(time=9e3, job="j", stage="synthetic", worker="w-fast", gpu="NVIDIA GeForce RTX 4090",
+                               predicted_weight=1.5)]
+    rows = plot_timeline.worker_rows(ThroughputLog(tasks=tasks, summaries=summaries), "j", load_weight_table(None))
+    assert [(r.worker, r.predicted_weight, r.observed_weight) for r in rows] == [
+        ("w-fast", 1.5, None), ("w-slow", None, None),
+    ]
+
+
 def test_latest_job_is_the_one_whose_last_file_finished_last():
     log = ThroughputLog(tasks=two_worker_job("old", 1000.0) + two_worker_job("new", 5000.0))
     assert log.jobs()[-1] == "new"
@@ -63,17 +74,14 @@ def test_latest_job_is_the_one_whose_last_file_finished_last():
 def write_log(path: Path, tasks: list[TaskDone]) -> Path:
     with open(path, "w") as handle:
         for t in tasks:
-            record = {"event": "task_done", **t.__dict__, "host": "h", "sequences": 1,
-                      "residues_per_s": t.residues / t.seconds}
-            handle.write(json.dumps(record) + "\n")
+            handle.write(replace(t, host="h", sequences=1, residues_per_s=t.residues / t.seconds).to_line() + "\n")
         for job in sorted({t.job for t in tasks}):
             for worker, gpu, observed in (
                 ("w-fast", "NVIDIA GeForce RTX 4090", 2.0), ("w-slow", "NVIDIA GeForce RTX 3090", 1.0),
             ):
-                handle.write(json.dumps({
-                    "event": "worker_summary", "time": 9e3, "job": job, "stage": "synthetic", "worker": worker,
-                    "gpu": gpu, "predicted_weight": 1.0, "observed_weight": observed,
-                }) + "\n")
+                summary = WorkerSummary(time=9e3, job=job, stage="synthetic", worker=worker, gpu=gpu,
+                                        predicted_weight=1.0, observed_weight=observed)
+                handle.write(summary.to_line() + "\n")
         handle.write('{"event": "task_done", "time": 12')  # a record cut off mid-write
     return path
 

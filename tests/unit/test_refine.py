@@ -1,4 +1,4 @@
-"""Refining GPU weights from throughput logs: parsing, the cross-job fit, the weight file, the commands."""
+"""Refining GPU weights from throughput logs: the cross-job fit, the weight file, the commands."""
 
 from __future__ import annotations
 
@@ -11,15 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from broker.records import LogRecord, TaskDone, WorkerSummary
 from tools import refine_weights as refine_weights_tool
 from virnucpro.pipeline.gpu_weights import BUILT_IN, GPU_WEIGHTS, load_weight_table
 from virnucpro.weights.cli import weights
-from virnucpro.weights.refine import (
-    read_throughput_logs,
-    refine_weights,
-    result_rows,
-    write_weight_file,
-)
+from virnucpro.weights.logs import read_throughput_logs
+from virnucpro.weights.refine import refine_weights, result_rows, write_weight_file
 
 RTX_3090 = "NVIDIA GeForce RTX 3090"
 RTX_4090 = "NVIDIA GeForce RTX 4090"
@@ -42,12 +39,12 @@ def simulate_job(
     files: int = 30,
     noise: float = 0.1,
     start: float = 1.7e9,
-) -> list[dict]:
+) -> list[LogRecord]:
     """Records of one job: each file goes to the worker free first, its time off the true speed by `noise`."""
     workers = [(f"{job}-w{n}", gpu) for n, gpu in enumerate(gpus)]
     free = {name: start for name, _ in workers}
     totals = {name: [0, 0.0, 0] for name, _ in workers}
-    records = []
+    records: list[LogRecord] = []
     for n in range(files):
         residues = rng.randint(20_000, 200_000)
         name, gpu = min(workers, key=lambda w: (free[w[0]], w[0]))
@@ -56,26 +53,25 @@ def simulate_job(
         totals[name][0] += residues
         totals[name][1] += seconds
         totals[name][2] += 1
-        records.append({
-            "event": "task_done", "time": free[name], "job": job, "stage": stage, "worker": name,
-            "host": "node1", "gpu": gpu, "predicted_weight": 1.0, "file": f"/data/{job}/part{n}.fa",
-            "sequences": residues // 300, "residues": residues, "seconds": seconds,
-            "residues_per_s": residues / seconds, "stolen": n % 7 == 3,
-        })
+        records.append(TaskDone(
+            time=free[name], job=job, stage=stage, worker=name, host="node1", gpu=gpu, predicted_weight=1.0,
+            file=f"/data/{job}/part{n}.fa", sequences=residues // 300, residues=residues, seconds=seconds,
+            residues_per_s=residues / seconds, stolen=n % 7 == 3,
+        ))
     for name, gpu in workers:
         residues, busy, count = totals[name]
-        records.append({
-            "event": "worker_summary", "time": max(free.values()), "job": job, "stage": stage, "worker": name,
-            "gpu": gpu, "predicted_weight": 1.0, "observed_weight": residues / busy / RESIDUES_PER_S_AT_WEIGHT_1,
-            "files": count, "residues": residues, "busy_seconds": busy, "residues_per_s": residues / busy,
-        })
+        records.append(WorkerSummary(
+            time=max(free.values()), job=job, stage=stage, worker=name, gpu=gpu, predicted_weight=1.0,
+            observed_weight=residues / busy / RESIDUES_PER_S_AT_WEIGHT_1, files=count, residues=residues,
+            busy_seconds=busy, residues_per_s=residues / busy,
+        ))
     return records
 
 
-def write_log(path: Path, records: Sequence[dict], extra_lines: Sequence[str] = ()) -> Path:
+def write_log(path: Path, records: Sequence[LogRecord], extra_lines: Sequence[str] = ()) -> Path:
     with open(path, "w") as handle:
         for record in records:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(record.to_line() + "\n")
         for line in extra_lines:
             handle.write(line)
     return path
@@ -85,14 +81,14 @@ JOBS_PER_PAIR = 6
 FILES_PER_JOB = 200
 
 
-def mixed_jobs(seed: int = 7, noise: float = 0.1) -> list[dict]:
+def mixed_jobs(seed: int = 7, noise: float = 0.1) -> list[LogRecord]:
     """Jobs that pair 3090 with 4090, and 4090 with H100, but never 3090 with H100.
 
     Sized so that 5% is about five standard errors of the H100 figure: the
     accuracy bar then holds for any seed, not only the one used here.
     """
     rng = random.Random(seed)
-    records: list[dict] = []
+    records: list[LogRecord] = []
     for n in range(JOBS_PER_PAIR):
         start = 1.7e9 + 10_000 * n
         records += simulate_job(f"a{n}", [RTX_3090, RTX_3090, RTX_4090, RTX_4090], rng, noise=noise,
@@ -102,7 +98,7 @@ def mixed_jobs(seed: int = 7, noise: float = 0.1) -> list[dict]:
     return records
 
 
-def refined(records: Sequence[dict], tmp_path: Path, **kwargs):
+def refined(records: Sequence[LogRecord], tmp_path: Path, **kwargs):
     log = read_throughput_logs([write_log(tmp_path / "throughput.jsonl", records)])
     return refine_weights(log, load_weight_table(), **kwargs)
 
@@ -146,52 +142,6 @@ def test_spread_comes_from_file_scatter_when_one_job_leaves_no_residual(tmp_path
     records = simulate_job("only", [RTX_3090, RTX_4090], random.Random(3))
     by_model = {m.model: m for m in refined(records, tmp_path).models}
     assert 0.0 < by_model["RTX 4090"].spread < 0.1
-
-
-def test_corrupt_and_truncated_lines_are_skipped_with_counts_and_line_numbers(tmp_path):
-    records = simulate_job("j", [RTX_3090, RTX_4090], random.Random(2), files=4)
-    bad_type = dict(records[0], residues="many")
-    missing = {k: v for k, v in records[0].items() if k != "seconds"}
-    path = tmp_path / "log.jsonl"
-    write_log(path, records[:2], extra_lines=[
-        "not json at all\n",                              # line 3
-        json.dumps(bad_type) + "\n",                      # line 4
-        "[1, 2, 3]\n",                                    # line 5
-        json.dumps(missing) + "\n",                       # line 6
-    ])
-    with open(path, "ab") as handle:
-        handle.write(b"\xff\xfe garbage\n")               # line 7
-        handle.write((json.dumps(records[2]) + "\n").encode())  # line 8
-        handle.write(json.dumps(records[3])[:40].encode())      # line 9, cut off mid-write
-    log = read_throughput_logs([path])
-    assert len(log.tasks) == 3
-    assert [s.line for s in log.skipped] == [3, 4, 5, 6, 7, 9]
-    assert all(s.path == str(path) for s in log.skipped)
-    assert "residues" in log.skipped[1].reason and "seconds" in log.skipped[3].reason
-    assert str(log.skipped[-1]).startswith(f"{path}:9: ")
-
-
-def test_other_event_types_and_blank_lines_are_ignored_not_counted_as_corrupt(tmp_path):
-    records = simulate_job("j", [RTX_3090, RTX_4090], random.Random(2), files=3)
-    path = write_log(tmp_path / "log.jsonl", records, extra_lines=[
-        "\n", json.dumps({"event": "job_submitted", "job": "j"}) + "\n", json.dumps({"no_event": 1}) + "\n",
-    ])
-    log = read_throughput_logs([path])
-    assert (len(log.tasks), len(log.summaries), log.other_records, log.skipped) == (3, 2, 2, [])
-
-
-def test_several_logs_are_read_together_and_lines_are_numbered_per_file(tmp_path):
-    rng = random.Random(4)
-    first = write_log(tmp_path / "a.jsonl", simulate_job("a", [RTX_3090, RTX_4090], rng, files=3), ["{oops\n"])
-    second = write_log(tmp_path / "b.jsonl", simulate_job("b", [RTX_4090, H100], rng, files=3, start=2e9), ["{oops\n"])
-    log = read_throughput_logs([first, second])
-    assert log.jobs() == ["a", "b"]
-    assert [str(s).rsplit(":", 1)[0] for s in log.skipped] == [f"{first}:6", f"{second}:6"]
-
-
-def test_missing_log_is_an_error_naming_the_file(tmp_path):
-    with pytest.raises(OSError, match="nope.jsonl: throughput log not found"):
-        read_throughput_logs([tmp_path / "nope.jsonl"])
 
 
 def test_jobs_with_a_single_gpu_model_are_skipped_and_counted(tmp_path):
@@ -262,7 +212,7 @@ def test_result_rows_give_current_refined_change_jobs_files_and_spread(tmp_path)
     refinement = refined(records, tmp_path)
     rows = {row[0]: row for row in result_rows(refinement)}
     model, current, new, change, jobs, files, spread = rows["H100"]
-    h100_files = sum(r["event"] == "task_done" and r["gpu"] == H100 for r in records)
+    h100_files = sum(isinstance(r, TaskDone) and r.gpu == H100 for r in records)
     assert (current, jobs, files) == ("2.50", str(JOBS_PER_PAIR), str(h100_files))
     h100 = [m for m in refinement.models if m.model == "H100"][0]
     assert new == f"{h100.refined:.3f}" and change == f"{(h100.refined / 2.5 - 1) * 100:+.1f}%"

@@ -10,15 +10,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from broker.records import TaskDone, WorkerSummary
 from virnucpro.pipeline.gpu_weights import BUILT_IN, WEIGHTS_ENV, WeightFileError, WeightTable, load_weight_table
+from virnucpro.weights.logs import ThroughputLog, ThroughputLogError, read_throughput_logs
 from virnucpro.weights.refine import (
     DEFAULT_BASELINE,
     RESULT_COLUMNS,
     STAGES,
     Refinement,
-    ThroughputLog,
-    ThroughputLogError,
-    read_throughput_logs,
     refine_weights,
     result_rows,
     write_weight_file,
@@ -76,7 +75,7 @@ def show(gpu_weights: Path | None) -> None:
 
 def _print_log_report(console: Console, log: ThroughputLog, paths: tuple[Path, ...]) -> None:
     console.print(
-        f"Read {len(log.tasks)} task_done and {len(log.summaries)} worker_summary records "
+        f"Read {len(log.tasks)} {TaskDone.EVENT} and {len(log.summaries)} {WorkerSummary.EVENT} records "
         f"from {len(paths)} log file(s); ignored {log.other_records} record(s) of other types."
     )
     if log.skipped:

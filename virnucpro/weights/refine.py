@@ -1,8 +1,8 @@
 """Refine the GPU weight table from the broker's throughput logs.
 
 The broker appends one `task_done` record per finished file and one
-`worker_summary` record per worker per job to a JSON Lines log. Within one
-job, the GPU models that ran side by side give speed ratios; across jobs, one
+`worker_summary` record per worker per job to a JSON Lines log (read by
+virnucpro.weights.logs). Within one job, the GPU models that ran side by side give speed ratios; across jobs, one
 log-weight per model is fitted to all those ratios at once by weighted least
 squares, so a model seen only beside a 4090 in one job and only beside an H100
 in another still gets one consistent weight.
@@ -40,207 +40,21 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
+from broker.records import TaskDone
 from virnucpro.atomic import write_text_atomically
 from virnucpro.pipeline.gpu_weights import WeightTable, name_tokens
+from virnucpro.weights.logs import ThroughputLog
 
 STAGES = ("all", "dnabert", "esm")
 DEFAULT_BASELINE = "RTX 3090"
 RESULT_COLUMNS = ("model", "current", "refined", "change", "jobs", "files", "spread")
-
-
-class ThroughputLogError(OSError):
-    """A throughput log that cannot be opened; the message names the file."""
-
-
-@dataclass(frozen=True)
-class SkippedLine:
-    """A log line that could not be used, and why."""
-
-    path: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class TaskDone:
-    """One finished file: which worker and GPU ran it, how much work, how long."""
-
-    time: float
-    job: str
-    stage: str
-    worker: str
-    gpu: str
-    residues: int
-    seconds: float
-    host: str = ""
-    predicted_weight: float = math.nan
-    file: str = ""
-    sequences: int = 0
-    stolen: bool = False
-
-    @property
-    def start(self) -> float:
-        return self.time - self.seconds
-
-
-@dataclass(frozen=True)
-class WorkerSummary:
-    """One worker's totals at the end of a job, as the broker saw them."""
-
-    time: float
-    job: str
-    stage: str
-    worker: str
-    gpu: str
-    predicted_weight: float = math.nan
-    observed_weight: float = math.nan
-    files: int = 0
-    residues: int = 0
-    busy_seconds: float = math.nan
-    residues_per_s: float = math.nan
-
-
-@dataclass
-class ThroughputLog:
-    """The usable records of one or more logs, and the lines that were not."""
-
-    tasks: list[TaskDone] = field(default_factory=list)
-    summaries: list[WorkerSummary] = field(default_factory=list)
-    skipped: list[SkippedLine] = field(default_factory=list)
-    other_records: int = 0
-
-    def jobs(self) -> list[str]:
-        """Job ids in the order their last file finished, latest last."""
-        last: dict[str, float] = {}
-        for task in self.tasks:
-            last[task.job] = max(last.get(task.job, -math.inf), task.time)
-        return sorted(last, key=lambda job: (last[job], job))
-
-
-# Field checks: each returns the cleaned value or raises ValueError with the reason.
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return value
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return float(value)
-
-
-def _non_negative(value: Any) -> float:
-    number = _number(value)
-    if number < 0:
-        raise ValueError("must not be negative")
-    return number
-
-
-def _count(value: Any) -> int:
-    number = _non_negative(value)
-    if not number.is_integer():
-        raise ValueError("must be a whole number")
-    return int(number)
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("must be true or false")
-    return value
-
-
-_Check = Callable[[Any], Any]
-
-# Required fields are those the fit or the timeline cannot do without; the
-# others fall back to the dataclass defaults so an older broker's log still counts.
-_TASK_REQUIRED: dict[str, _Check] = {
-    "time": _number, "job": _string, "stage": _string, "worker": _string, "gpu": _string,
-    "residues": _count, "seconds": _non_negative,
-}
-_TASK_OPTIONAL: dict[str, _Check] = {
-    "host": _string, "predicted_weight": _number, "file": _string, "sequences": _count, "stolen": _flag,
-}
-_SUMMARY_REQUIRED: dict[str, _Check] = {
-    "time": _number, "job": _string, "stage": _string, "worker": _string, "gpu": _string,
-}
-_SUMMARY_OPTIONAL: dict[str, _Check] = {
-    "predicted_weight": _number, "observed_weight": _number, "files": _count, "residues": _count,
-    "busy_seconds": _non_negative, "residues_per_s": _non_negative,
-}
-
-
-def _fields(
-    record: Mapping[str, Any], required: Mapping[str, _Check], optional: Mapping[str, _Check]
-) -> dict[str, Any]:
-    missing = [name for name in required if name not in record]
-    if missing:
-        raise ValueError(f"field {missing[0]!r} is missing")
-    values: dict[str, Any] = {}
-    for name, check in (*required.items(), *optional.items()):
-        if name in required or record.get(name) is not None:
-            try:
-                values[name] = check(record[name])
-            except ValueError as exc:
-                raise ValueError(f"field {name!r} = {record[name]!r} {exc}") from None
-    return values
-
-
-def _parse_line(raw: bytes, log: ThroughputLog, path: str, number: int) -> None:
-    try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        log.skipped.append(SkippedLine(path, number, "not UTF-8 text (corrupt line)"))
-        return
-    if not text:
-        return
-    try:
-        record = json.loads(text)
-    except ValueError:
-        log.skipped.append(SkippedLine(path, number, "not valid JSON (truncated or corrupt line)"))
-        return
-    if not isinstance(record, dict):
-        log.skipped.append(SkippedLine(path, number, "not a JSON object"))
-        return
-    event = record.get("event")
-    try:
-        if event == "task_done":
-            log.tasks.append(TaskDone(**_fields(record, _TASK_REQUIRED, _TASK_OPTIONAL)))
-        elif event == "worker_summary":
-            log.summaries.append(WorkerSummary(**_fields(record, _SUMMARY_REQUIRED, _SUMMARY_OPTIONAL)))
-        else:
-            log.other_records += 1
-    except ValueError as exc:
-        log.skipped.append(SkippedLine(path, number, f"{event} record: {exc}"))
-
-
-def read_throughput_logs(paths: Iterable[str | Path]) -> ThroughputLog:
-    """Parse JSON Lines throughput logs; bad lines are skipped and listed, never fatal.
-
-    Blank lines and records of other event types are not errors: the broker
-    may add event types, and a log appended across runs may hold blank lines.
-    """
-    log = ThroughputLog()
-    for path in paths:
-        try:
-            with open(path, "rb") as handle:
-                for number, raw in enumerate(handle, start=1):
-                    _parse_line(raw, log, str(path), number)
-        except FileNotFoundError:
-            raise ThroughputLogError(f"{path}: throughput log not found; check the path") from None
-        except OSError as exc:
-            raise ThroughputLogError(f"{path}: throughput log cannot be read ({exc.strerror})") from None
-    return log
 
 
 @dataclass(frozen=True)
@@ -466,7 +280,7 @@ def refine_weights(
 
 def result_rows(refinement: Refinement) -> list[tuple[str, ...]]:
     """The result table as text, one row per model, columns as in RESULT_COLUMNS."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for r in refinement.models:
         observed = r.jobs > 0
         rows.append((
