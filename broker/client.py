@@ -10,7 +10,7 @@ from typing import Any
 import zmq
 
 from broker import protocol
-from broker.protocol import ProtocolError
+from broker.protocol import ErrorCode, ProtocolError
 from broker.security import secure_client
 
 
@@ -19,7 +19,14 @@ class BrokerUnreachable(RuntimeError):
 
 
 class BrokerError(RuntimeError):
-    """The broker answered with an error (a rejected job, an unknown job)."""
+    """The broker answered with an error: `code` says which kind, the message says why in words.
+
+    `code` is None when a client raises it for a failure found on its own side.
+    """
+
+    def __init__(self, reason: str, code: ErrorCode | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 def broker_address(address: str | None = None) -> str:
@@ -67,7 +74,7 @@ class BrokerClient:
             except ProtocolError:
                 continue
             if reply["type"] == "error":
-                raise BrokerError(reply["reason"])
+                raise BrokerError(reply["reason"], ErrorCode(reply["code"]))
             return reply
 
     def wait_until_up(self, timeout: float) -> dict[str, Any]:

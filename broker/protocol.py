@@ -8,6 +8,7 @@ receiver counts and drops.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 import msgpack
@@ -25,6 +26,13 @@ STAGES = ("dnabert", "esm", "synthetic")
 
 class ProtocolError(ValueError):
     """A message that must be dropped; the reason names the bad field."""
+
+
+class ErrorCode(str, Enum):
+    """What an `error` reply is about; its `reason` says it in words for people."""
+
+    UNKNOWN_JOB = "unknown_job"  # the broker does not know the job (it may have restarted and forgotten it)
+    REJECTED_JOB = "rejected_job"  # the submitted job's paths are unacceptable; resubmitting it as is fails again
 
 
 STAGE = fields.one_of(STAGES)
@@ -62,7 +70,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "job_state": {"job": fields.text, "state": fields.text, "progress": fields.any_map,
                   "report?": fields.optional(fields.any_map)},
     "status_report": {"status": fields.any_map},
-    "error": {"reason": fields.text},
+    "error": {"code": fields.one_of([code.value for code in ErrorCode]), "reason": fields.text},
 }
 
 

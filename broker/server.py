@@ -42,7 +42,7 @@ from broker.events import (
     WorkerLeft,
     WorkRequested,
 )
-from broker.protocol import ProtocolError
+from broker.protocol import ErrorCode, ProtocolError
 from broker.records import LogRecord
 from broker.reports import job_progress
 from broker.scheduler import Scheduler
@@ -190,7 +190,7 @@ class BrokerServer:
         problem = check_paths(m["output_dir"], m["files"])
         if problem:
             self.scheduler.count("rejected job")
-            self._send(identity, "error", reason=problem)
+            self._send(identity, "error", code=ErrorCode.REJECTED_JOB.value, reason=problem)
             return
         job = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         files = tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"]) for f in m["files"])
@@ -226,7 +226,8 @@ class BrokerServer:
     def _send_job_state(self, identity: bytes, job_id: str) -> None:
         job = self.scheduler.jobs.get(job_id)
         if job is None:
-            self._send(identity, "error", reason=f"unknown job {job_id!r} (the broker may have restarted)")
+            self._send(identity, "error", code=ErrorCode.UNKNOWN_JOB.value,
+                       reason=f"unknown job {job_id!r} (the broker may have restarted)")
             return
         self._send(identity, "job_state", job=job_id, state=job.state,
                    progress=job_progress(job), report=self.reports.get(job_id))

@@ -14,6 +14,8 @@ import pytest
 import zmq
 from rich.console import Console
 
+from broker.client import BrokerError
+from broker.protocol import ErrorCode
 from broker.records import TaskDone, WorkerSummary
 from tests.support.cluster import BROKER, VIRNUCPRO, cluster, free_address, kill_hard
 from tests.support.fasta import write_fasta
@@ -268,6 +270,18 @@ def test_status_json_lists_workers_jobs_and_counters(tmp_path):
     [job] = status["jobs"]
     assert (job["state"], job["done"], job["files"]) == ("finished", 2, 2)
     assert "counters" in status and status["broker"]["address"] == c.address
+
+
+def test_error_replies_carry_a_code_the_client_exposes(tmp_path):
+    spec = {"path": str(tmp_path / "a.fa"), "output": "relative/a.json", "sequences": 1, "residues": 100}
+    with cluster(tmp_path) as c, c.client() as client:
+        with pytest.raises(BrokerError, match="unknown job 'no-such-job'") as unknown:
+            client.request("job", job="no-such-job")
+        with pytest.raises(BrokerError, match="is not an absolute path") as rejected:
+            client.request("submit", stage="synthetic", output_dir="relative", files=[spec], weighted=False,
+                           steal=False)
+    assert unknown.value.code is ErrorCode.UNKNOWN_JOB
+    assert rejected.value.code is ErrorCode.REJECTED_JOB
 
 
 def test_a_broker_killed_mid_job_and_restarted_loses_no_finished_file(tmp_path):

@@ -4,7 +4,7 @@ import msgpack
 import pytest
 
 from broker import protocol
-from broker.protocol import ProtocolError, decode, encode
+from broker.protocol import ErrorCode, ProtocolError, decode, encode
 from broker.server import check_paths
 
 SPEC = {"path": "/data/a.fa", "output": "/out/a.json", "sequences": 3, "residues": 300}
@@ -21,6 +21,7 @@ GOOD = [
     ("status", {}),
     ("assign", dict(task="j:1", job="j", stage="esm", path="/data/a.fa", output="/out/a_ESM.pt")),
     ("registered", dict(worker="ab", name="w", weight=1.5, heartbeat_interval=1.0)),
+    *[("error", dict(code=code.value, reason="why, in words")) for code in ErrorCode],
 ]
 
 
@@ -48,6 +49,8 @@ def test_well_formed_messages_round_trip(kind, fields):
         (msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
                         "steal": True, "files": [{**SPEC, "residues": True}]}), "bad value for field 'files'"),
         (msgpack.packb({"v": 1, "type": "job", "job": "x" * 5000}), "bad value for field 'job'"),
+        (msgpack.packb({"v": 1, "type": "error", "reason": "unknown job 'j'"}), "missing field 'code'"),
+        (msgpack.packb({"v": 1, "type": "error", "code": "unknown job", "reason": "r"}), "bad value for field 'code'"),
         (b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "oversized"),
     ],
 )

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
+from broker.protocol import ErrorCode
 from broker.security import SecurityError
 from virnucpro.atomic import write_text_atomically
 from virnucpro.pipeline.fasta import FastaError, fasta_stats
@@ -105,7 +106,7 @@ def run_job(
         try:
             return _follow(client, job, sum(f["residues"] for f in todo), console, label or plan.stage)
         except BrokerError as exc:
-            if "unknown job" not in str(exc):
+            if exc.code is not ErrorCode.UNKNOWN_JOB:
                 raise
             console.print(f"[yellow]the broker lost job {job} (restarted?); submitting what is not done yet[/yellow]")
             todo = [f for f in todo if not is_complete(f["output"])]
