@@ -123,7 +123,7 @@ class WorkerSummary(LogRecord):
     def of_report_row(cls, row: Mapping[str, Any], *, time: float, job: str, stage: str) -> WorkerSummary:
         """The summary of one worker row of a job report, which holds these figures under the same names and more."""
         given: dict[str, Any] = {"time": time, "job": job, "stage": stage}
-        return cls(**given, **{name: row[name] for name in cls.keys()[1:] if name not in given})
+        return cls(**given, **{name: row[name] for name, _, _ in _schema(cls) if name not in given})
 
 
 RECORDS: dict[str, type[LogRecord]] = {kind.EVENT: kind for kind in (TaskDone, WorkerSummary)}
