@@ -10,6 +10,7 @@ clock is stepped; times people read (the throughput log's `time`, a job's
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -250,7 +251,7 @@ class BrokerServer:
             elif isinstance(instruction, Reregister):
                 self._send(bytes.fromhex(instruction.worker), "reregister")
             elif isinstance(instruction, Log):
-                self.log.append({**instruction.record, "time": instruction.record["time"] + offset})
+                self.log.append(dataclasses.replace(instruction.record, time=instruction.record.time + offset))
             elif isinstance(instruction, JobFinished):
                 self.reports[instruction.job] = {
                     **instruction.report, "submitted": instruction.report["submitted"] + offset,
