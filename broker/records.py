@@ -32,6 +32,9 @@ class LogRecord:
 
     EVENT: ClassVar[str]
 
+    # When it happened, Unix seconds (the scheduler's monotonic time until the server writes it).
+    time: Annotated[float, fields.number]
+
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The keys of a line, in the order they are written."""
@@ -79,7 +82,6 @@ class TaskDone(LogRecord):
 
     EVENT: ClassVar[str] = "task_done"
 
-    time: Annotated[float, fields.number]  # when it finished, Unix seconds
     job: Annotated[str, fields.string]
     stage: Annotated[str, fields.string]
     worker: Annotated[str, fields.string]
@@ -105,7 +107,6 @@ class WorkerSummary(LogRecord):
 
     EVENT: ClassVar[str] = "worker_summary"
 
-    time: Annotated[float, fields.number]  # when the job finished, Unix seconds
     job: Annotated[str, fields.string]
     stage: Annotated[str, fields.string]
     worker: Annotated[str, fields.string]
