@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
@@ -70,11 +69,10 @@ def worker(address: str | None, device: str, gpu_name: str | None, synthetic_spe
         process = Worker(config, backends)
     except WorkerSetupError as exc:
         raise click.ClickException(str(exc)) from None
-    stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda *_: process.stop())
     try:
-        process.run(stop)
+        process.run()
     except SecurityError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -1,14 +1,18 @@
-"""The worker process: registers with the broker, heartbeats, runs assigned files, reports results.
+"""The worker process: the DEALER socket and the task thread around a WorkerSession.
 
 One worker drives one device. Its models are loaded once, before it
-registers, and kept across files and jobs. The broker talks to it over a
-DEALER socket; the file itself runs on a second thread so that heartbeats
-keep flowing while a GPU works for minutes.
+registers, and kept across files and jobs. The file itself runs on a second
+thread so that heartbeats keep flowing while a GPU works for minutes. What
+to send and when is decided by the session core
+(virnucpro.worker.session); this shell only moves bytes, starts and cancels
+the task thread, and sleeps until the session's next timer, a message, or
+the end of the running file, whichever comes first.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -28,14 +32,30 @@ from virnucpro.stages import is_complete
 from virnucpro.worker.config import WorkerConfig, WorkerSetupError, device_name
 from virnucpro.worker.gauges import nvml_gauges_for
 from virnucpro.worker.publish import publish
+from virnucpro.worker.session import (
+    CancelTask,
+    Connected,
+    Event,
+    Instruction,
+    Log,
+    MessageReceived,
+    Reconnect,
+    Send,
+    SendFailed,
+    SendHeartbeat,
+    StartTask,
+    StopRequested,
+    TaskCancelled,
+    TaskDone,
+    TaskFailed,
+    Tick,
+    WorkerSession,
+)
 
 logger = logging.getLogger("virnucpro.worker")
 
-MAX_REASON = 2000
-
-
 class Worker:
-    """The worker's socket loop; `run` returns when `stop` is set."""
+    """The worker's socket loop; `run` returns once `stop` is called."""
 
     def __init__(self, config: WorkerConfig, backends: dict[str, Backend]) -> None:
         self.config = config
@@ -43,23 +63,60 @@ class Worker:
         self.gpu = device_name(config)
         self.name = config.name or f"{socket.gethostname()}:{config.device}"
         self.identity = uuid.uuid4().bytes
-        self.heartbeat_interval = 1.0
-        self._context = zmq.Context.instance()
+        self.session = WorkerSession(
+            {"name": self.name, "host": socket.gethostname(), "gpu": self.gpu, "device": config.device,
+             "stages": sorted(backends), "pid": os.getpid()},
+            broker_timeout=config.broker_timeout, address=config.broker,
+        )
+        self._context: zmq.Context = zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._poller = zmq.Poller()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task")
-        self._task: dict[str, Any] | None = None
         self._future: Future | None = None
         self._cancel = threading.Event()
-        self._registered = False
-        self._last_heard = 0.0
-        self._last_register = 0.0
-        self._last_heartbeat = 0.0
+        self._stop = threading.Event()
         self._gauges = nvml_gauges_for(config.device)
+        # The task thread and `stop` write a byte here to wake the loop at once.
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        for end in (self._wake_reader, self._wake_writer):
+            end.setblocking(False)
+        self._poller.register(self._wake_reader, zmq.POLLIN)
 
-    # ----------------------------------------------------------- socket
+    def stop(self) -> None:
+        """Make `run` say goodbye to the broker and return; safe from a signal handler or another thread."""
+        self._stop.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass  # a byte is already waiting (the buffer is full), or the loop has already closed up
+
+    # ------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        """Serve the broker until `stop` is called."""
+        logger.info("worker %s (%s, stages %s) connecting to %s", self.name, self.gpu,
+                    ",".join(sorted(self.backends)), self.config.broker)
+        self._connect()
+        try:
+            while not self._stop.is_set():
+                wait = self.session.deadline() - time.monotonic()
+                ready = dict(self._poller.poll(None if wait == math.inf else max(0, math.ceil(wait * 1000))))
+                if self._wake_reader in ready:
+                    self._wake_reader.recv(4096)
+                if self._future is not None and self._future.done():
+                    self._handle(self._outcome(self._future))
+                if self._socket in ready:
+                    self._receive_all()
+                self._handle(Tick(time.monotonic()))
+        finally:
+            self._shutdown()
 
     def _connect(self) -> None:
         if self._socket is not None:
+            self._poller.unregister(self._socket)
             self._socket.close(0)
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.ROUTING_ID, self.identity)
@@ -68,64 +125,11 @@ class Worker:
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
         secure_client(self._socket)
         self._socket.connect(self.config.broker)
-        self._registered = False
-        self._last_heard = time.monotonic()
-
-    def _send(self, kind: str, **fields: Any) -> bool:
-        assert self._socket is not None
-        try:
-            self._socket.send(protocol.encode(kind, **fields), zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
-
-    def _register(self) -> None:
-        sent = self._send("register", name=self.name, host=socket.gethostname(), gpu=self.gpu,
-                          device=self.config.device, stages=sorted(self.backends), pid=os.getpid())
-        # Until the connection is up nothing is sent: try again at the next turn of the loop, not in a second.
-        if sent:
-            self._last_register = time.monotonic()
-
-    # ------------------------------------------------------------- loop
-
-    def run(self, stop: threading.Event) -> None:
-        self._connect()
-        self._register()
-        logger.info("worker %s (%s, stages %s) connecting to %s", self.name, self.gpu,
-                    ",".join(sorted(self.backends)), self.config.broker)
-        waiting_logged = False
-        try:
-            while not stop.is_set():
-                now = time.monotonic()
-                assert self._socket is not None
-                if self._socket.poll(50):
-                    self._receive_all()
-                self._collect_result()
-                now = time.monotonic()
-                if not self._registered:
-                    if now - self._last_register >= 1.0:
-                        if not waiting_logged and now - self._last_heard > 2.0:
-                            logger.info("waiting for the broker at %s", self.config.broker)
-                            waiting_logged = True
-                        self._register()
-                    continue
-                waiting_logged = False
-                if now - self._last_heartbeat >= self.heartbeat_interval:
-                    self._last_heartbeat = now
-                    gauges = self._gauges() if self._gauges else None
-                    self._send("heartbeat", task=self._task["task"] if self._task else None,
-                               **({"gauges": gauges} if gauges else {}))
-                if now - self._last_heard > self.config.broker_timeout:
-                    logger.warning("broker at %s silent for %.0f s; reconnecting", self.config.broker,
-                                   now - self._last_heard)
-                    self._connect()
-                    self._register()
-        finally:
-            self._shutdown()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._handle(Connected(time.monotonic()))
 
     def _receive_all(self) -> None:
-        assert self._socket is not None
-        while True:
+        while self._socket is not None:
             try:
                 frame = self._socket.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -135,38 +139,44 @@ class Worker:
             except ProtocolError as exc:
                 logger.warning("dropped a message from the broker: %s", exc)
                 continue
-            self._last_heard = time.monotonic()
-            self._on_message(message)
+            self._handle(MessageReceived(message, time.monotonic()))
 
-    def _on_message(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "registered":
-            self._registered = True
-            self.heartbeat_interval = message["heartbeat_interval"]
-            logger.info("registered as %s, weight %.2f", message["name"], message["weight"])
-            if self._task is None:
-                self._send("request")
-        elif kind == "reregister":
-            self._register()
-        elif kind == "assign":
-            if self._task is not None:
-                logger.warning("broker sent %s while %s runs; ignored", message["task"], self._task["task"])
-                return
-            self._start(message)
-        elif kind == "revoke":
-            if self._task is not None and self._task["task"] == message["task"]:
-                logger.info("task %s revoked", message["task"])
-                self._cancel.set()
+    def _handle(self, event: Event) -> None:
+        for instruction in self.session.handle(event):
+            self._perform(instruction)
+
+    def _perform(self, instruction: Instruction) -> None:
+        if isinstance(instruction, Send):
+            self._send(instruction.kind, instruction.fields)
+        elif isinstance(instruction, SendHeartbeat):
+            gauges = self._gauges() if self._gauges else None
+            self._send("heartbeat", {"task": instruction.task, **({"gauges": gauges} if gauges else {})})
+        elif isinstance(instruction, StartTask):
+            self._start(instruction.assignment)
+        elif isinstance(instruction, CancelTask):
+            self._cancel.set()
+        elif isinstance(instruction, Reconnect):
+            self._connect()
+        elif isinstance(instruction, Log):
+            logger.log(instruction.level, "%s", instruction.text)
+
+    def _send(self, kind: str, fields: dict[str, Any]) -> None:
+        assert self._socket is not None
+        try:
+            self._socket.send(protocol.encode(kind, **fields), zmq.NOBLOCK)
+        except zmq.Again:
+            self._handle(SendFailed(kind, time.monotonic()))
 
     # ------------------------------------------------------------ tasks
 
     def _start(self, assignment: dict[str, Any]) -> None:
-        self._task = assignment
-        self._cancel.clear()
-        self._future = self._executor.submit(self._execute, assignment)
+        # A fresh flag per task: a revoke that arrives late can never stop the next file.
+        self._cancel = threading.Event()
+        self._future = self._executor.submit(self._execute, assignment, self._cancel)
+        self._future.add_done_callback(lambda _: self._wake())
 
-    def _execute(self, assignment: dict[str, Any]) -> dict[str, Any]:
-        """Run one file; the result's fields are those of a `done` message."""
+    def _execute(self, assignment: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+        """Run one file (on the task thread); the result's fields are those of a `done` message."""
         output = Path(assignment["output"])
         if is_complete(output):
             logger.info("%s: output already complete, skipped", output)
@@ -178,7 +188,7 @@ class Worker:
         temporary = output.with_name(f".{output.name}.{self.identity.hex()[:8]}.tmp")
         started = time.monotonic()
         try:
-            sequences, residues = backend.run(Path(assignment["path"]), temporary, self._cancel.is_set)
+            sequences, residues = backend.run(Path(assignment["path"]), temporary, cancel.is_set)
             seconds = time.monotonic() - started
             first = publish(temporary, output)
         finally:
@@ -187,30 +197,25 @@ class Worker:
                     "" if first else " (another copy was published first)")
         return {"seconds": seconds, "sequences": sequences, "residues": residues, "skipped": False}
 
-    def _collect_result(self) -> None:
-        if self._future is None or not self._future.done():
-            return
-        task = self._task["task"]
-        try:
-            result = self._future.result()
-        except Cancelled:
-            result = None
-            self._send("failed", task=task, reason="revoked by the broker")
-        except Exception as exc:  # any backend error fails this file, not the worker
-            logger.warning("%s failed: %s: %s", self._task["path"], type(exc).__name__, exc)
-            self._send("failed", task=task, reason=f"{type(exc).__name__}: {exc}"[:MAX_REASON] or "error")
-        else:
-            self._send("done", task=task, **result)
-        self._task = None
+    def _outcome(self, future: Future) -> Event:
+        """The session event for the task that just ended."""
+        task = self.session.task
+        assert task is not None
         self._future = None
-        if self._registered:
-            self._send("request")
+        now = time.monotonic()
+        try:
+            result = future.result()
+        except Cancelled:
+            return TaskCancelled(task, now)
+        except Exception as exc:  # any backend error fails this file, not the worker
+            return TaskFailed(task, f"{type(exc).__name__}: {exc}", now)
+        return TaskDone(task, now=now, **result)
 
     def _shutdown(self) -> None:
-        self._cancel.set()
+        self._handle(StopRequested(time.monotonic()))
         if self._socket is not None:
-            if self._registered:
-                self._send("bye")
             self._socket.close(linger=500)
             self._socket = None
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._wake_reader.close()
+        self._wake_writer.close()

@@ -1,0 +1,384 @@
+"""Worker session core: registration, heartbeats, broker silence, assignments and revokes, with a fake clock."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker import protocol
+from virnucpro.worker.session import (
+    MAX_REASON,
+    REGISTER_RETRY,
+    UNSENT_RETRY,
+    CancelTask,
+    Connected,
+    Log,
+    MessageReceived,
+    Reconnect,
+    Send,
+    SendFailed,
+    SendHeartbeat,
+    StartTask,
+    StopRequested,
+    TaskCancelled,
+    TaskDone,
+    TaskFailed,
+    Tick,
+    WorkerSession,
+)
+
+REGISTER = {"name": "node1:cuda:0", "host": "node1", "gpu": "NVIDIA A100-SXM4-80GB", "device": "cuda:0",
+            "stages": ["dnabert", "esm"], "pid": 4242}
+BROKER_TIMEOUT = 10.0
+
+
+def message(kind: str, **fields: Any) -> dict[str, Any]:
+    """A broker message as the shell hands it over: decoded and validated by the protocol."""
+    return protocol.decode(protocol.encode(kind, **fields))
+
+
+def assignment(task: str) -> dict[str, Any]:
+    return {"task": task, "job": "j", "stage": "esm", "path": f"/in/{task}.fa", "output": f"/out/{task}.pt"}
+
+
+class Worker:
+    """A session, a fake clock set by hand, and everything it asked for."""
+
+    def __init__(self) -> None:
+        self.session = WorkerSession(REGISTER, broker_timeout=BROKER_TIMEOUT, address="tcp://head:5555")
+        self.now = 0.0
+
+    def feed(self, event: Any) -> list[Any]:
+        out = self.session.handle(event)
+        for instruction in out:
+            if isinstance(instruction, Send):  # what the session sends must be what the broker accepts
+                protocol.decode(protocol.encode(instruction.kind, **instruction.fields))
+        return out
+
+    def at(self, now: float) -> Worker:
+        self.now = now
+        return self
+
+    def connect(self) -> list[Any]:
+        return self.feed(Connected(self.now))
+
+    def hear(self, kind: str, **fields: Any) -> list[Any]:
+        return self.feed(MessageReceived(message(kind, **fields), self.now))
+
+    def tick(self) -> list[Any]:
+        return self.feed(Tick(self.now))
+
+    def registered(self, interval: float = 1.0) -> list[Any]:
+        return self.hear("registered", worker="ab", name=REGISTER["name"], weight=1.2, heartbeat_interval=interval)
+
+    def assign(self, task: str) -> list[Any]:
+        return self.hear("assign", **assignment(task))
+
+    def done(self, task: str) -> list[Any]:
+        return self.feed(TaskDone(task, seconds=0.5, sequences=3, residues=900, skipped=False, now=self.now))
+
+
+def sends(out: list[Any]) -> list[str]:
+    return [i.kind for i in out if isinstance(i, Send)]
+
+
+def not_logs(out: list[Any]) -> list[Any]:
+    return [i for i in out if not isinstance(i, Log)]
+
+
+def ready_worker(interval: float = 1.0) -> Worker:
+    """Connected and registered at t=0, its first heartbeat sent."""
+    w = Worker()
+    w.connect()
+    w.registered(interval)
+    w.tick()
+    return w
+
+
+# ------------------------------------------------------------ registration
+
+
+def test_a_connected_worker_registers_at_once_with_its_identity():
+    w = Worker()
+    assert w.connect() == [Send("register", REGISTER)]
+
+
+def test_an_unanswered_register_is_sent_again_after_a_second_and_not_before():
+    w = Worker()
+    w.connect()
+    assert w.at(REGISTER_RETRY - 0.01).tick() == []
+    assert sends(w.at(REGISTER_RETRY).tick()) == ["register"]
+    assert w.at(REGISTER_RETRY + 0.5).tick() == []
+    assert sends(w.at(2 * REGISTER_RETRY).tick()) == ["register"]
+
+
+def test_a_register_the_socket_would_not_take_is_sent_again_soon():
+    w = Worker()
+    w.connect()
+    w.feed(SendFailed("register", w.now))
+    assert w.session.deadline() == pytest.approx(UNSENT_RETRY)
+    assert sends(w.at(UNSENT_RETRY).tick()) == ["register"]
+
+
+def test_registration_stops_the_retries_and_an_idle_worker_asks_for_work():
+    w = Worker()
+    w.connect()
+    out = w.at(0.2).registered()
+    assert sends(out) == ["request"]
+    assert "register" not in sends(w.at(5.0).tick())
+
+
+def test_a_worker_still_running_a_file_when_it_registers_does_not_ask_for_work():
+    w = ready_worker()
+    w.assign("t1")
+    w.feed(Connected(w.now))  # a reconnect while t1 runs
+    assert sends(w.registered()) == []
+
+
+def test_waiting_for_the_broker_is_logged_once():
+    w = Worker()
+    w.connect()
+    logs = []
+    for second in range(1, 8):
+        logs += [i for i in w.at(float(second)).tick() if isinstance(i, Log)]
+    assert [log.text for log in logs] == ["waiting for the broker at tcp://head:5555"]
+
+
+def test_reregister_sends_register_again_and_retries_until_answered():
+    w = ready_worker()
+    assert sends(w.at(3.0).hear("reregister")) == ["register"]
+    assert not any(isinstance(i, SendHeartbeat) for i in w.at(3.5).tick())
+    assert sends(w.at(3.0 + REGISTER_RETRY).tick()) == ["register"]
+    assert sends(w.at(4.2).registered()) == ["request"]
+
+
+# -------------------------------------------------------------- heartbeats
+
+
+def test_heartbeats_follow_the_brokers_interval_and_name_the_running_task():
+    w = Worker()
+    w.connect()
+    w.registered(interval=0.25)
+    assert w.tick() == [SendHeartbeat(None)]
+    w.at(0.1).assign("t1")
+    assert w.at(0.2).tick() == []
+    assert w.at(0.25).tick() == [SendHeartbeat("t1")]
+    assert w.at(0.49).tick() == []
+    assert w.at(0.5).tick() == [SendHeartbeat("t1")]
+    w.at(0.6).done("t1")
+    assert w.at(0.75).tick() == [SendHeartbeat(None)]
+
+
+def test_no_heartbeats_before_registration():
+    w = Worker()
+    w.connect()
+    assert not any(isinstance(i, SendHeartbeat) for t in range(1, 20) for i in w.at(t / 4).tick())
+
+
+def test_the_deadline_is_the_next_timer():
+    w = Worker()
+    assert w.session.deadline() == math.inf  # nothing to do before the first connection
+    w.at(5.0).connect()
+    assert w.session.deadline() == 5.0 + REGISTER_RETRY
+    w.at(5.1).registered(interval=0.5)
+    w.tick()
+    assert w.session.deadline() == pytest.approx(5.6)  # the next heartbeat
+    w.session.heartbeat_interval = 60.0
+    assert w.session.deadline() == pytest.approx(5.1 + BROKER_TIMEOUT)  # the broker's silence comes first
+
+
+# -------------------------------------------------------------- reconnects
+
+
+def test_a_broker_silent_for_the_timeout_means_reconnect_then_register_again():
+    w = ready_worker()
+    assert Reconnect() not in w.at(BROKER_TIMEOUT - 0.01).tick()
+    out = w.at(BROKER_TIMEOUT).tick()
+    assert not_logs(out) == [Reconnect()]
+    assert any(isinstance(i, Log) and i.level == logging.WARNING and "silent" in i.text for i in out)
+    assert w.session.deadline() == math.inf  # nothing is sent on the dropped connection
+    assert w.connect() == [Send("register", REGISTER)]
+
+
+def test_any_message_from_the_broker_keeps_the_connection():
+    w = ready_worker()
+    for t in range(1, 30):
+        w.at(float(t)).hear("ack")
+        assert Reconnect() not in w.tick()
+
+
+def test_a_running_file_survives_a_reconnect_and_is_reported_after_it():
+    w = ready_worker()
+    w.assign("t1")
+    w.at(BROKER_TIMEOUT).tick()
+    w.connect()
+    assert sends(w.at(BROKER_TIMEOUT + 0.1).registered()) == []
+    assert sends(w.at(BROKER_TIMEOUT + 0.2).done("t1")) == ["done", "request"]
+
+
+# ------------------------------------------------------------------- tasks
+
+
+def test_an_assignment_starts_its_file():
+    w = ready_worker()
+    assert w.assign("t1") == [StartTask(assignment("t1"))]
+    assert w.session.task == "t1"
+
+
+def test_an_assignment_while_a_file_runs_is_ignored():
+    w = ready_worker()
+    w.assign("t1")
+    out = w.assign("t2")
+    assert not_logs(out) == []
+    assert w.session.task == "t1"
+
+
+def test_a_finished_file_is_reported_and_the_next_asked_for_in_the_same_step():
+    w = ready_worker()
+    w.assign("t1")
+    out = w.done("t1")
+    assert out == [Send("done", {"task": "t1", "seconds": 0.5, "sequences": 3, "residues": 900, "skipped": False}),
+                   Send("request")]
+    assert w.session.task is None
+
+
+def test_a_failed_file_is_reported_with_its_reason_and_the_next_asked_for():
+    w = ready_worker()
+    w.assign("t1")
+    out = w.feed(TaskFailed("t1", "ValueError: " + "x" * 5000, w.now))
+    assert sends(out) == ["failed", "request"]
+    failed = next(i for i in out if isinstance(i, Send) and i.kind == "failed")
+    assert failed.fields["reason"].startswith("ValueError: x") and len(failed.fields["reason"]) == MAX_REASON
+    assert any(isinstance(i, Log) and i.text.startswith("/in/t1.fa failed: ValueError") for i in out)
+
+
+def test_an_empty_failure_reason_still_says_something():
+    w = ready_worker()
+    w.assign("t1")
+    assert Send("failed", {"task": "t1", "reason": "error"}) in w.feed(TaskFailed("t1", "", w.now))
+
+
+def test_a_file_ending_while_unregistered_is_reported_without_asking_for_more():
+    w = ready_worker()
+    w.assign("t1")
+    w.hear("reregister")
+    assert sends(w.done("t1")) == ["done"]
+
+
+def test_an_end_for_a_task_that_is_not_running_is_a_shell_error():
+    w = ready_worker()
+    w.assign("t1")
+    with pytest.raises(ValueError, match="t2"):
+        w.done("t2")
+
+
+# ----------------------------------------------------------------- revokes
+
+
+def test_a_revoke_cancels_the_matching_task():
+    w = ready_worker()
+    w.assign("t1")
+    assert not_logs(w.hear("revoke", task="t1")) == [CancelTask("t1")]
+
+
+def test_a_revoke_of_another_task_changes_nothing():
+    w = ready_worker()
+    w.assign("t1")
+    assert w.hear("revoke", task="t9") == []
+    assert Worker().hear("revoke", task="t9") == []  # nor when nothing runs
+
+
+def test_a_revoked_task_is_reported_failed_revoked_by_the_broker_then_the_next_asked_for():
+    w = ready_worker()
+    w.assign("t1")
+    w.hear("revoke", task="t1")
+    out = w.feed(TaskCancelled("t1", w.now))
+    assert out == [Send("failed", {"task": "t1", "reason": "revoked by the broker"}), Send("request")]
+
+
+def test_a_revoked_task_that_had_already_published_is_reported_done():
+    w = ready_worker()
+    w.assign("t1")
+    w.hear("revoke", task="t1")
+    assert sends(w.done("t1")) == ["done", "request"]
+
+
+def test_a_revoked_task_still_stopping_holds_off_the_next_assignment():
+    w = ready_worker()
+    w.assign("t1")
+    w.hear("revoke", task="t1")
+    assert not any(isinstance(i, StartTask) for i in w.assign("t2"))
+
+
+# -------------------------------------------------------------------- stop
+
+
+def test_stopping_cancels_the_running_file_and_says_bye():
+    w = ready_worker()
+    w.assign("t1")
+    assert w.feed(StopRequested(w.now)) == [CancelTask("t1"), Send("bye")]
+
+
+def test_stopping_before_registration_sends_nothing():
+    w = Worker()
+    w.connect()
+    assert w.feed(StopRequested(w.now)) == []
+
+
+# ---------------------------------------------------------------- property
+
+broker_messages = st.one_of(
+    st.builds(lambda t: ("assign", assignment(t)), st.sampled_from(["t1", "t2", "t3"])),
+    st.builds(lambda t: ("revoke", {"task": t}), st.sampled_from(["t1", "t2", "t3"])),
+    st.just(("registered", {"worker": "ab", "name": "n", "weight": 1.0, "heartbeat_interval": 0.5})),
+    st.just(("reregister", {})),
+    st.just(("ack", {})),
+)
+steps = st.lists(st.one_of(
+    st.tuples(st.just("message"), broker_messages),
+    st.tuples(st.just("wait"), st.floats(0.0, 12.0)),
+    st.tuples(st.just("end"), st.sampled_from(["done", "failed", "cancelled"])),
+    st.tuples(st.just("unsent"), st.sampled_from(["register", "heartbeat", "done", "request"])),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps)
+def test_whatever_the_broker_says_one_file_runs_at_a_time_and_no_timer_is_left_overdue(script):
+    w = Worker()
+    w.connect()
+    running: str | None = None
+    for step, value in script:
+        if step == "message":
+            out = w.hear(value[0], **value[1])
+        elif step == "wait":
+            w.now += value
+            out = w.tick()
+            if Reconnect() in out:
+                out += w.connect()
+        elif step == "end" and running is not None:
+            if value == "done":
+                out = w.feed(TaskDone(running, 0.1, 1, 10, False, w.now))
+            elif value == "failed":
+                out = w.feed(TaskFailed(running, "RuntimeError: boom", w.now))
+            else:
+                out = w.feed(TaskCancelled(running, w.now))
+            running = None
+        elif step == "unsent":
+            out = w.feed(SendFailed(value, w.now))
+        else:
+            continue
+        for instruction in out:
+            if isinstance(instruction, StartTask):
+                assert running is None, "a second file started while one runs"
+                running = instruction.assignment["task"]
+            if isinstance(instruction, CancelTask):
+                assert instruction.task == running
+        assert w.session.task == running
+        w.tick()
+        assert w.session.deadline() > w.now, "a timer is still due after a tick: the shell would spin"

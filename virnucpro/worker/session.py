@@ -1,0 +1,294 @@
+"""The worker's protocol core: registration, heartbeats, broker silence, the running task; no I/O.
+
+Like the broker's scheduler core, a WorkerSession owns no socket, thread or
+clock. The shell (virnucpro.worker.process) feeds it events, each carrying
+`now` from the shell's monotonic clock, and performs the instructions it
+returns, in order. `deadline()` says when the next timer falls due, so the
+shell can sleep exactly until then unless a message or a finished file
+wakes it first. Messages given to it have been validated by
+broker.protocol; every message it asks the shell to send matches
+broker.protocol.SCHEMAS.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# A register sent and not answered within this long is sent again.
+REGISTER_RETRY = 1.0
+# A register the socket would not take (no connection to the broker yet) is tried again this soon.
+UNSENT_RETRY = 0.05
+# Unregistered for this long since the broker was last heard: say that the worker is waiting for it.
+WAITING_NOTICE = 2.0
+# Heartbeat interval until the broker announces its own.
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+# Longest failure reason reported (the protocol allows 4096 characters).
+MAX_REASON = 2000
+REVOKED = "revoked by the broker"
+
+# ----------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Connected:
+    """The shell opened a fresh connection to the broker."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """A validated message from the broker."""
+
+    message: dict[str, Any]
+    now: float
+
+
+@dataclass(frozen=True)
+class SendFailed:
+    """The socket would not take a message of type `kind` (no connection to the broker): it is lost."""
+
+    kind: str
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    """The running task's output is published (or was already complete: `skipped`)."""
+
+    task: str
+    seconds: float
+    sequences: int
+    residues: int
+    skipped: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """The running task raised; `reason` says what went wrong."""
+
+    task: str
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskCancelled:
+    """The running task stopped after a CancelTask, publishing nothing."""
+
+    task: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed; due timers fire."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    """The worker is leaving (Ctrl-C, SIGTERM)."""
+
+    now: float
+
+
+Event = Connected | MessageReceived | SendFailed | TaskDone | TaskFailed | TaskCancelled | Tick | StopRequested
+
+# ----------------------------------------------------------- instructions
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send the broker a message of type `kind` with these fields."""
+
+    kind: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SendHeartbeat:
+    """Send a heartbeat naming the running task, with the device's gauges read now (if it has any)."""
+
+    task: str | None
+
+
+@dataclass(frozen=True)
+class StartTask:
+    """Run the file of an `assign` message (its fields task, job, stage, path, output) on the task thread."""
+
+    assignment: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CancelTask:
+    """Ask the running task to stop; it ends with TaskCancelled unless it had already finished."""
+
+    task: str
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """Drop the connection and open a fresh one, then feed Connected."""
+
+
+@dataclass(frozen=True)
+class Log:
+    """A line for the worker's log."""
+
+    level: int
+    text: str
+
+
+Instruction = Send | SendHeartbeat | StartTask | CancelTask | Reconnect | Log
+
+
+class WorkerSession:
+    """One worker's conversation with the broker, as a state machine."""
+
+    def __init__(self, register: dict[str, Any], broker_timeout: float, address: str) -> None:
+        """`register`: the fields of this worker's `register` message; `address` only names the broker in logs."""
+        if not broker_timeout > 0:
+            raise ValueError(f"broker_timeout must be positive, got {broker_timeout!r}")
+        self.register_fields = dict(register)
+        self.broker_timeout = broker_timeout
+        self.address = address
+        self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
+        self.registered = False
+        self.running: dict[str, Any] | None = None  # the assignment being run
+        self._connected = False
+        self._register_due = math.inf
+        self._last_heard = 0.0
+        self._last_heartbeat = -math.inf
+        self._waiting_logged = False
+
+    @property
+    def task(self) -> str | None:
+        """The id of the task being run, or None when idle."""
+        return self.running["task"] if self.running is not None else None
+
+    def deadline(self) -> float:
+        """When the next timer falls due (monotonic seconds; inf before the first Connected)."""
+        if not self._connected:
+            return math.inf
+        if not self.registered:
+            return self._register_due
+        return min(self._last_heartbeat + self.heartbeat_interval, self._last_heard + self.broker_timeout)
+
+    def handle(self, event: Event) -> list[Instruction]:
+        """Apply one event; return what the shell must do, in order."""
+        if isinstance(event, Tick):
+            return self._on_tick(event.now)
+        if isinstance(event, MessageReceived):
+            return self._on_message(event.message, event.now)
+        if isinstance(event, TaskDone):
+            self._end(event.task)
+            result = {"seconds": event.seconds, "sequences": event.sequences, "residues": event.residues,
+                      "skipped": event.skipped}
+            return [Send("done", {"task": event.task, **result})] + self._ask_for_work()
+        if isinstance(event, TaskFailed):
+            path = self._end(event.task)["path"]
+            return [Log(logging.WARNING, f"{path} failed: {event.reason}"),
+                    Send("failed", {"task": event.task, "reason": event.reason[:MAX_REASON] or "error"}),
+                    *self._ask_for_work()]
+        if isinstance(event, TaskCancelled):
+            self._end(event.task)
+            return [Send("failed", {"task": event.task, "reason": REVOKED})] + self._ask_for_work()
+        if isinstance(event, Connected):
+            self._connected = True
+            self.registered = False
+            self._last_heard = event.now
+            return self._register(event.now)
+        if isinstance(event, SendFailed):
+            return self._on_send_failed(event.kind, event.now)
+        if isinstance(event, StopRequested):
+            return self._on_stop()
+        raise TypeError(f"not a worker session event: {event!r}")
+
+    # ------------------------------------------------------------ timers
+
+    def _on_tick(self, now: float) -> list[Instruction]:
+        if not self._connected:
+            return []
+        if not self.registered:
+            if now < self._register_due:
+                return []
+            out: list[Instruction] = []
+            if not self._waiting_logged and now - self._last_heard > WAITING_NOTICE:
+                out.append(Log(logging.INFO, f"waiting for the broker at {self.address}"))
+                self._waiting_logged = True
+            return out + self._register(now)
+        silent = now - self._last_heard
+        if silent >= self.broker_timeout:
+            self.registered = False
+            self._connected = False  # nothing falls due until the shell reports the fresh connection
+            return [Log(logging.WARNING, f"broker at {self.address} silent for {silent:.0f} s; reconnecting"),
+                    Reconnect()]
+        if now >= self._last_heartbeat + self.heartbeat_interval:
+            self._last_heartbeat = now
+            return [SendHeartbeat(self.task)]
+        return []
+
+    def _register(self, now: float) -> list[Instruction]:
+        self._register_due = now + REGISTER_RETRY
+        return [Send("register", dict(self.register_fields))]
+
+    def _on_send_failed(self, kind: str, now: float) -> list[Instruction]:
+        if kind == "register":
+            # Nothing went out: try again as soon as a connection may be up, not a whole retry later.
+            self._register_due = min(self._register_due, now + UNSENT_RETRY)
+        elif kind in ("done", "failed"):
+            return [Log(logging.WARNING, f"could not report a result to the broker at {self.address} "
+                                         "(not connected); it will hand the file out again")]
+        return []
+
+    # ---------------------------------------------------------- messages
+
+    def _on_message(self, message: dict[str, Any], now: float) -> list[Instruction]:
+        self._last_heard = now
+        kind = message["type"]
+        if kind == "registered":
+            self.registered = True
+            self._waiting_logged = False
+            self.heartbeat_interval = message["heartbeat_interval"]
+            log = Log(logging.INFO, f"registered as {message['name']}, weight {message['weight']:.2f}")
+            return [log, *self._ask_for_work()]
+        if kind == "reregister":
+            # The broker no longer counts this worker as alive: register again, and again until it answers.
+            self.registered = False
+            return self._register(now)
+        if kind == "assign":
+            if self.running is not None:
+                return [Log(logging.WARNING, f"broker sent {message['task']} while {self.task} runs; ignored")]
+            self.running = {k: message[k] for k in ("task", "job", "stage", "path", "output")}
+            return [StartTask(dict(self.running))]
+        if kind == "revoke":
+            if message["task"] != self.task:
+                return []
+            return [Log(logging.INFO, f"task {message['task']} revoked"), CancelTask(message["task"])]
+        return []
+
+    # ------------------------------------------------------------- tasks
+
+    def _end(self, task: str) -> dict[str, Any]:
+        if self.running is None or self.running["task"] != task:
+            raise ValueError(f"task {task} ended, but the task running is {self.task}")
+        ended, self.running = self.running, None
+        return ended
+
+    def _ask_for_work(self) -> list[Instruction]:
+        return [Send("request")] if self.registered and self.running is None else []
+
+    def _on_stop(self) -> list[Instruction]:
+        out: list[Instruction] = []
+        if self.running is not None:
+            out.append(CancelTask(self.running["task"]))
+        if self.registered:
+            out.append(Send("bye"))
+            self.registered = False
+        return out
