@@ -54,6 +54,7 @@ from virnucpro.worker.session import (
 
 logger = logging.getLogger("virnucpro.worker")
 
+
 class Worker:
     """The worker's socket loop; `run` returns once `stop` is called."""
 
