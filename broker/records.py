@@ -50,7 +50,7 @@ class LogRecord:
     @classmethod
     def from_dict(cls: type[R], record: Mapping[str, Any]) -> R:
         """The record in a decoded line; RecordError if a field is missing or bad. Unknown keys are ignored."""
-        values = {}
+        values: dict[str, Any] = {}
         for name, check, default in _schema(cls):
             value = record.get(name)
             if value is None and default is not MISSING:

@@ -186,7 +186,7 @@ def assign_files_weighted(
     if costs is None:
         from virnucpro.pipeline.fasta import fasta_stats
 
-        costs = [fasta_stats(path).residues for path in files]
+        costs = [fasta_stats(str(path)).residues for path in files]  # without costs, files are paths
     if len(costs) != len(files):
         raise ValueError(f"got {len(costs)} costs for {len(files)} files; give one cost per file")
     if any(c < 0 for c in costs):
