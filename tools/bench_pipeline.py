@@ -4,9 +4,10 @@ Each pair is one DNABERT-S file and one ESM-2 file of random features, as
 the embedding stages write them, with the split's ids (`read<i>_chunk_1F1`);
 the classifier is the published architecture, MLPClassifier(3328), with
 seeded random weights. A pair is timed from reading its two files to its
-prediction rows on disk. It runs once in a single process (torch using
-every core) and once per `--processes N` with N processes side by side
-(each with cores / N threads), to show how it scales with workers.
+prediction rows on disk (classify_pair). It runs once per `--processes N`,
+N processes side by side each with cores / N threads, to show how it scales
+with workers; then the final two files are assembled from the per-pair
+files of the first run (assemble_predictions), timed on its own.
 
     python tools/bench_pipeline.py [--frames 10000] [--pairs 2] [--processes 2] [--json results.json]
 """
@@ -25,8 +26,8 @@ import click
 import torch
 
 from virnucpro.pipeline.classifier import INPUT_DIM, MLPClassifier, classifier_bytes
-from virnucpro.pipeline.merge import merge_pair
-from virnucpro.pipeline.outputs import write_predictions
+from virnucpro.pipeline.features import save_features
+from virnucpro.pipeline.outputs import assemble_predictions, classify_pair, pair_predictions_path
 
 DNABERT_DIM = 768
 ESM_DIM = INPUT_DIM - DNABERT_DIM
@@ -44,9 +45,8 @@ def write_pair(directory: Path, k: int, frames: int) -> tuple[Path, Path]:
     dna = torch.rand(frames, DNABERT_DIM, generator=generator)
     protein = torch.rand(frames, ESM_DIM, generator=generator)
     dnabert, esm = directory / f"output_{k}_DNABERT_S.pt", directory / f"output_{k}_ESM.pt"
-    data = [{"label": label, "mean_representation": row.tolist()} for label, row in zip(ids, dna, strict=True)]
-    torch.save({"nucleotide": ids, "data": data}, dnabert)
-    torch.save({"proteins": ids, "data": [row.clone() for row in protein]}, esm)
+    save_features(dnabert, "dnabert", ids, dna, "fp32")
+    save_features(esm, "esm", ids, protein, "fp32")
     return dnabert, esm
 
 
@@ -57,9 +57,7 @@ def process_pairs(job: tuple[list[tuple[int, str, str]], str, str, int]) -> floa
     classifier = torch.load(classifier_path, weights_only=False)
     started = time.perf_counter()
     for k, dnabert, esm in pairs:
-        merged = Path(out_dir) / f"output_{k}_merged.pt"
-        merge_pair(dnabert, esm, merged)
-        write_predictions([merged], classifier, Path(out_dir) / f"pair_{k}")
+        classify_pair(dnabert, esm, classifier, pair_predictions_path(out_dir, k))
     return time.perf_counter() - started
 
 
@@ -100,6 +98,13 @@ def run(frames: int, pairs_each: int, process_counts: list[int]) -> dict[str, An
                                    "runs": []}
         for processes in process_counts:
             results["runs"].append(timed(pairs[: processes * pairs_each], processes, classifier, root, frames))
+        per_pair = [pair_predictions_path(root / f"out-{process_counts[0]}-{n % process_counts[0]}", k)
+                    for n, (k, _, _) in enumerate(pairs[: process_counts[0] * pairs_each])]
+        started = time.perf_counter()
+        written = assemble_predictions(per_pair, root / "assembled")
+        seconds = time.perf_counter() - started
+        results["assemble"] = {"pairs": len(per_pair), "frames": written.frames, "seconds": seconds,
+                               "frames_per_s": written.frames / seconds}
     return results
 
 
@@ -109,12 +114,15 @@ def run(frames: int, pairs_each: int, process_counts: list[int]) -> dict[str, An
 @click.option("--processes", default="1,2", show_default=True, help="Comma-separated process counts to time.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(frames: int, pairs_each: int, processes: str, json_path: Path | None) -> None:
-    """Time merge + classify per file pair; print frames/s (and write them as JSON)."""
+    """Time merge + classify per file pair and the assembly; print frames/s (and write them as JSON)."""
     results = run(frames, pairs_each, [int(p) for p in processes.split(",")])
     for row in results["runs"]:
         click.echo(f"{row['processes']} process(es) x {row['threads_each']} thread(s): {row['frames']:,} frames, "
                    f"{row['frames_per_s']:,.0f} frames/s ({row['ms_per_frame_per_process']:.3f} ms per frame "
                    "per process)")
+    assembled = results["assemble"]
+    click.echo(f"assembling both prediction files from {assembled['pairs']} pairs: "
+               f"{assembled['frames_per_s']:,.0f} frames/s")
     if json_path:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
 

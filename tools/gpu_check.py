@@ -1,12 +1,20 @@
-"""Device check: GPU names and weights, bf16, OOM recovery, and embedding throughput of full-size models.
+"""Device check: GPU names and weights, bf16 against fp32, OOM recovery, and embedding throughput of full-size models.
 
 One run on a machine with a GPU answers what this project cannot test on a
-CPU: the name torch reports and the weight it finds, whether the backends
-run under bf16 and how far bf16 features stray from fp32 ones, whether a
-real CUDA out-of-memory error is survived by halving the batch, and how
-many sequences per second DNABERT-S- and ESM-2-3B-sized networks (random
+CPU: the name torch reports and the weight it finds, which precision the
+backends default to, how far bf16 features stray from fp32 ones and how
+often the classifier's label changes with them, whether a real CUDA
+out-of-memory error is survived by halving the batch, and how many
+sequences per second DNABERT-S- and ESM-2-3B-sized networks (random
 weights, saved and loaded in the real formats through the real backends)
 embed on this GPU.
+
+The label agreement is the fraction of frames of a generated sample whose
+label (virus or others) is the same from bf16 and from fp32 features, both
+computed on this device. The networks have random weights, so it measures
+how sensitive labels are to the rounding, not the published models'
+accuracy; `--classifier 500_model.pth` uses the published classifier (its
+3,328 inputs fit the full-size networks).
 
     python tools/gpu_check.py --device cuda:0 --json gpu_check.json
     python tools/gpu_check.py --device cpu --small          # a smoke test of this script
@@ -26,7 +34,7 @@ from typing import Any
 import click
 import torch
 
-from virnucpro.backends.common import autocast_dtype, resolve_device
+from virnucpro.backends.common import has_native_bf16, resolve_device, resolve_precision
 from virnucpro.backends.dnabert import DnabertBackend
 from virnucpro.backends.esm import EsmBackend
 from virnucpro.backends.tiny import (
@@ -36,6 +44,8 @@ from virnucpro.backends.tiny import (
     esm_checkpoint_bytes,
     write_dnabert_directory,
 )
+from virnucpro.pipeline.classifier import MLPClassifier, load_classifier, predict_scores
+from virnucpro.pipeline.features import load_features
 from virnucpro.pipeline.gpu_weights import load_weight_table
 
 # (layers, width, heads): DNABERT-S is a BERT-base; ESM-2 3B is esm2_t36_3B_UR50D.
@@ -54,8 +64,8 @@ def device_report(device: torch.device) -> dict[str, Any]:
             memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30,
             table_model=table.match(name), weight=table.lookup(name),
         )
-    dtype = autocast_dtype(device)
-    report["autocast"] = str(dtype) if dtype else "none (fp32)"
+    report["native_bf16"] = has_native_bf16(device)
+    report["default_precision"] = resolve_precision(device)
     return report
 
 
@@ -106,7 +116,7 @@ class OomCounter(logging.Handler):
             self.count += 1
 
 
-def timed_run(backend: Any, source: Path, output: Path, device: torch.device) -> dict[str, float]:
+def timed_run(backend: Any, source: Path, output: Path, device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -121,11 +131,7 @@ def timed_run(backend: Any, source: Path, output: Path, device: torch.device) ->
 
 
 def features(path: Path) -> torch.Tensor:
-    content = torch.load(path, map_location="cpu", weights_only=True)
-    rows = content["data"]
-    if rows and isinstance(rows[0], dict):
-        return torch.tensor([row["mean_representation"] for row in rows])
-    return torch.stack(rows)
+    return load_features(path).data
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,7 +139,40 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1).min())
 
 
-def run(device_name: str, small: bool, sequences: int) -> dict[str, Any]:
+def labels(classifier: MLPClassifier, dna: torch.Tensor, protein: torch.Tensor) -> torch.Tensor:
+    """The predicted label of each frame (1 = virus), as the pipeline decides it: P(virus) > P(others)."""
+    scores = predict_scores(classifier, torch.cat((dna, protein), dim=1))
+    return scores[:, 1] > scores[:, 0]
+
+
+def precision_agreement(backends: dict[str, Any], sources: dict[str, Path], root: Path,
+                        classifier_path: Path | None) -> dict[str, Any]:
+    """bf16 against fp32 on the same device and the same sample: feature cosines and label agreement."""
+    found: dict[str, dict[str, torch.Tensor]] = {"bf16": {}, "fp32": {}}
+    for stage, backend in backends.items():
+        default = backend.precision
+        for precision in found:
+            backend.precision = precision
+            backend.run(sources[stage], root / f"{stage}-{precision}.pt")
+            found[precision][stage] = features(root / f"{stage}-{precision}.pt")
+        backend.precision = default
+    width = sum(found["fp32"][stage].shape[1] for stage in backends)
+    if classifier_path is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1997)
+            classifier = MLPClassifier(width).eval()
+        described = f"random MLPClassifier({width}), seed 1997"
+    else:
+        classifier, described = load_classifier(classifier_path), str(classifier_path)
+    bf16, fp32 = (labels(classifier, found[p]["dnabert"], found[p]["esm"]) for p in ("bf16", "fp32"))
+    return {"sequences": len(fp32), "classifier": described,
+            "min_cosine": {stage: agreement(found["bf16"][stage], found["fp32"][stage]) for stage in backends},
+            "label_agreement": float((bf16 == fp32).float().mean()),
+            "virus_fraction": {"bf16": float(bf16.float().mean()), "fp32": float(fp32.float().mean())}}
+
+
+def run(device_name: str, small: bool, sequences: int, agreement_sequences: int,
+        classifier: Path | None) -> dict[str, Any]:
     device = resolve_device(device_name)
     results: dict[str, Any] = {"device": device_report(device)}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
@@ -143,7 +182,10 @@ def run(device_name: str, small: bool, sequences: int) -> dict[str, Any]:
         nucleotide, protein = write_inputs(root, sequences)
         (root / "warmup").mkdir()
         warmup_nuc, warmup_prot = write_inputs(root / "warmup", 64)
+        (root / "sample").mkdir()
+        sample_nuc, sample_prot = write_inputs(root / "sample", agreement_sequences, seed=5)
         results["setup_seconds"] = time.perf_counter() - started
+        backends: dict[str, Any] = {}
         for stage, backend_class, model, source, warmup in (
             ("dnabert", DnabertBackend, dnabert_dir, nucleotide, warmup_nuc),
             ("esm", EsmBackend, esm_path, protein, warmup_prot),
@@ -154,19 +196,14 @@ def run(device_name: str, small: bool, sequences: int) -> dict[str, Any]:
             backend.run(warmup, root / f"{stage}-warmup.pt")
             figures = timed_run(backend, source, root / f"{stage}.pt", device)
             figures["load_seconds"] = load_seconds
-            if device.type == "cuda":
-                # The same checkpoint and inputs on the CPU in fp32: how far do bf16 features stray?
-                cpu = backend_class(model, device="cpu")
-                cpu.run(warmup, root / f"{stage}-cpu.pt")
-                backend.run(warmup, root / f"{stage}-gpu.pt")
-                figures["min_cosine_bf16_vs_fp32"] = agreement(
-                    features(root / f"{stage}-gpu.pt"), features(root / f"{stage}-cpu.pt"))
-                del cpu
+            figures["precision"] = backend.precision
             results[stage] = figures
-            del backend
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            backends[stage] = backend
+        results["bf16_vs_fp32"] = precision_agreement(
+            backends, {"dnabert": sample_nuc, "esm": sample_prot}, root, classifier)
+        backends.clear()
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             results["oom_recovery"] = oom_recovery(esm_path, protein, root, device)
     return results
 
@@ -194,11 +231,16 @@ def oom_recovery(esm_path: Path, source: Path, root: Path, device: torch.device)
 @click.option("--device", default="cuda:0", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--small", is_flag=True, help="Small networks instead of full-size ones (a smoke test).")
 @click.option("--sequences", default=10000, show_default=True, help="Sequences per timed file (one pipeline file).")
+@click.option("--agreement-sequences", default=2000, show_default=True,
+              help="Frames of the sample embedded in bf16 and in fp32 to compare their labels.")
+@click.option("--classifier", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Classifier checkpoint for the label agreement [default: a random one of the right width].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(device: str, small: bool, sequences: int, json_path: Path | None) -> None:
+def main(device: str, small: bool, sequences: int, agreement_sequences: int, classifier: Path | None,
+         json_path: Path | None) -> None:
     """Check and time everything GPU-specific; print the figures (and write them as JSON)."""
     logging.basicConfig(level=logging.WARNING)
-    results = run(device, small, sequences)
+    results = run(device, small, sequences, agreement_sequences, classifier)
     out = io.StringIO()
     json.dump(results, out, indent=2)
     click.echo(out.getvalue())

@@ -12,10 +12,12 @@ import click
 from broker import protocol
 from broker.client import broker_address
 from virnucpro import __version__
+from virnucpro.backends.interface import PRECISIONS
 from virnucpro.stages import STAGES
 from virnucpro.weights.cli import weights
 
 BROKER_HELP = f"Broker address [default: ${protocol.ADDRESS_ENV} or {protocol.DEFAULT_ADDRESS}]."
+PRECISION_DEFAULT = "[default: bf16 on a GPU that has it natively, fp32 elsewhere; the original tool runs fp32]"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -44,11 +46,13 @@ def cli(verbose: bool) -> None:
               help="`tiny`: small random networks of the real shapes, for trying the pipeline anywhere.")
 @click.option("--dnabert-model", default=None, metavar="PATH|NAME", help="DNABERT-S model directory or cached name.")
 @click.option("--esm-model", default=None, metavar="PATH|NAME", help="ESM-2 checkpoint (esm2_*.pt) or cached name.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help=f"Precision of the models' forward pass {PRECISION_DEFAULT}.")
 @click.option("--broker-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="Seconds of broker silence before reconnecting.")
 def worker(address: str | None, device: str, gpu_name: str | None, synthetic_speed: float | None, name: str | None,
            stages: tuple[str, ...], models: str, dnabert_model: str | None, esm_model: str | None,
-           broker_timeout: float) -> None:
+           precision: str | None, broker_timeout: float) -> None:
     """Run one worker: register with the broker and embed the files it is given.
 
     Start one per GPU. Models are loaded once, before registering, and kept
@@ -62,7 +66,7 @@ def worker(address: str | None, device: str, gpu_name: str | None, synthetic_spe
     config = WorkerConfig(
         broker=broker_address(address), device=device, name=name, gpu_name=gpu_name,
         synthetic_speed=synthetic_speed, stages=stages or ("dnabert", "esm"), models=models,
-        dnabert_model=dnabert_model, esm_model=esm_model, broker_timeout=broker_timeout,
+        dnabert_model=dnabert_model, esm_model=esm_model, precision=precision, broker_timeout=broker_timeout,
     )
     try:
         backends = open_backends(config)
@@ -161,13 +165,21 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--resume", is_flag=True, help="Continue the run in OUT, reusing every finished output.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
               help="Seconds to wait for the broker and its workers (they load their models first).")
+@click.option("--rename-duplicates", is_flag=True,
+              help="Call later reads with an id already used id.2, id.3, ... [default: stop with an error].")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help=f"Precision of the models' forward pass on the workers started here {PRECISION_DEFAULT}.")
+@click.option("--keep-features", is_flag=True,
+              help="Also keep the merged features of each file pair (OUT/work/merged/output_k_merged.pt).")
 def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_path: Path | None, models: str,
             dnabert_model: str | None, esm_model: str | None, weighted: bool, steal: bool, address: str | None,
             gpus: tuple[int, ...] | None, workers: int | None, gpu_weights: Path | None,
             throughput_log: Path | None, worker_timeout: float | None, sequences_per_file: int | None,
-            resume: bool, timeout: float) -> None:
+            resume: bool, timeout: float, rename_duplicates: bool, precision: str | None,
+            keep_features: bool) -> None:
     """Predict which reads of INPUT.fasta are viral: split, embed through the broker, merge, classify.
 
+    INPUT.fasta is FASTA or FASTQ (qualities are ignored), plain or gzipped.
     Writes OUT/prediction_results.txt and OUT/prediction_results_highestscore.csv.
     Exit status: 0 done; 2 some files failed (OUT/failed_files.txt lists them,
     and the predictions cover the rest); 1 error; 130 interrupted. After an
@@ -181,6 +193,7 @@ def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_pat
         models=models, dnabert_model=dnabert_model, esm_model=esm_model, weighted=weighted, steal=steal,
         broker=address, gpus=gpus, workers=workers, gpu_weights=gpu_weights, throughput_log=throughput_log,
         worker_timeout=worker_timeout, sequences_per_file=sequences_per_file, resume=resume, timeout=timeout,
+        rename_duplicates=rename_duplicates, precision=precision, keep_features=keep_features,
     )))
 
 

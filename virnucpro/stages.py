@@ -45,7 +45,9 @@ def is_complete(path: str | Path) -> bool:
 
     Outputs are published atomically, so a final name normally means a whole
     file; this also rejects one truncated or corrupted afterwards: JSON must
-    parse, and a torch `.pt` (a zip archive) must pass its CRC checks.
+    parse, and a torch `.pt` (a zip archive) must pass its CRC checks and be
+    a feature file of this version (ids naming the rows of one float32
+    array), so an older version's per-row format is computed again.
     """
     path = Path(path)
     try:
@@ -57,7 +59,11 @@ def is_complete(path: str | Path) -> bool:
             return True
         if path.suffix == ".pt":
             with zipfile.ZipFile(path) as archive:
-                return archive.testzip() is None
+                if archive.testzip() is not None:
+                    return False
+            from virnucpro.pipeline.features import load_features
+
+            load_features(path)
         return True
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return False

@@ -7,6 +7,7 @@ fails the test instead of blocking CI.
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from virnucpro.pipeline.fasta import read_fasta
 
 ROOT = Path(__file__).resolve().parents[2]
 VIRNUCPRO = Path(sys.executable).with_name("virnucpro")
@@ -214,14 +217,24 @@ def _write(path: Path, text: str) -> Path:
     "make_input, extra, message",
     [
         (lambda d: d / "absent.fa", [], "absent.fa: file not found"),
-        (lambda d: _write(d / "notes.txt", "just some notes\n"), [], "not a FASTA file"),
+        (lambda d: _write(d / "notes.txt", "just some notes\n"), [], "not a FASTA or FASTQ file"),
         (lambda d: _write(d / "empty.fa", ""), [], "holds no FASTA records"),
         (lambda d: _write(d / "n.fa", ">r1\nNNNNNNNNNNNN\n>r2\nNNNNN\n"), [], "no open reading frame"),
         (lambda d: _write(d / "ok.fa", ">r1\nATGAAACCC\n"), ["--expected-length", "400"], "must be 300 or 500"),
         (lambda d: _write(d / "ok.fa", ">r1\nATGAAACCC\n"), ["--model-path", "BAD"],
          "not a VirNucPro classifier checkpoint"),
+        (lambda d: _write(d / "mates.fa", ">m1 1:N\nATGAAACCC\n>m1 2:N\nATGCCCAAA\n"), [],
+         "1 id is shared by several reads (m1)"),
+        # The id ends at a tab as at a space: these four reads are all "sampleA".
+        (lambda d: _write(d / "tabs.fa", "".join(f">sampleA\tread{i}\nATGAAACCC\n" for i in range(4))), [],
+         "1 id is shared by several reads (sampleA)"),
+        (lambda d: _write(d / "proteins.fa", ">p1\nMKVLIFEPQWLLKEF\n>p2\nMEEPQSDPSVEPPL\n"), [], "looks like protein"),
+        (lambda d: _write(d / "blank.fa", ">r1\n>r2\n\n"), [], "all 2 records are empty"),
+        (lambda d: _write(d / "ok.fa", ">r1\nATGAAACCC\n"), ["--broker", "tcp://127.0.0.1:9", "--precision", "fp32"],
+         "--precision configure the broker and workers this command starts"),
     ],
-    ids=["missing", "not-fasta", "empty", "no-orf", "expected-length", "bad-checkpoint"],
+    ids=["missing", "not-fasta", "empty", "no-orf", "expected-length", "bad-checkpoint", "duplicate-ids",
+         "tab-in-header", "protein", "empty-records", "precision-with-broker"],
 )
 def test_bad_input_gives_one_message_exit_1_and_no_outputs(
         env: dict[str, str], tmp_path: Path, make_input: Callable[[Path], Path], extra: list[str],
@@ -234,6 +247,39 @@ def test_bad_input_gives_one_message_exit_1_and_no_outputs(
     assert run.stderr.count("error:") == 1 and message in " ".join(run.stderr.split())
     assert not out.exists()
     assert "broker:" not in run.stderr  # no process was started
+
+
+def test_fastq_gzipped_with_an_empty_record_gives_the_predictions_of_the_fasta(
+        env: dict[str, str], reads: Path, tmp_path: Path, reference: dict[str, bytes]) -> None:
+    with gzip.open(tmp_path / "reads.fq.gz", "wt") as fastq:
+        for header, sequence in read_fasta(reads):
+            fastq.write(f"@{header}\n{sequence}\n+\n{'I' * len(sequence)}\n")
+        fastq.write("@nothing here\n\n+\n\n")
+    out = tmp_path / "out"
+    run = predict(env, tmp_path / "reads.fq.gz", "-o", out, "--workers", "2", *COMMON)
+    assert run.returncode == 0, run.stderr
+    assert "1 empty records skipped" in run.stderr
+    assert results(out) == reference
+
+
+def test_tabs_in_headers_and_sequence_lines_and_renamed_duplicates_keep_every_read(
+        env: dict[str, str], reads: Path, tmp_path: Path, reference: dict[str, bytes]) -> None:
+    records = list(read_fasta(reads))
+    first_id = records[0][0].split()[0]
+    with open(tmp_path / "reads.fa", "w") as fasta:
+        for header, sequence in [*records, records[0]]:
+            # A tab before the description, and tabs and spaces inside the sequence lines, as some tools write.
+            lines = [sequence[i:i + 50] for i in range(0, len(sequence), 50)]
+            fasta.write(f">{header.replace(' ', chr(9), 1)}\n" + "\n".join(f"{line[:20]}\t{line[20:30]} {line[30:]}"
+                                                                         for line in lines) + "\n")
+    out = tmp_path / "out"
+    run = predict(env, tmp_path / "reads.fa", "-o", out, "--workers", "2", "--rename-duplicates", *COMMON)
+    assert run.returncode == 0, run.stderr
+    assert "1 reads had an id already used" in " ".join(run.stderr.split())
+    ids = [row.split("\t")[0] for row in (out / RESULTS[0]).read_text().splitlines()[1:]]
+    reference_ids = [row.split("\t")[0] for row in reference[RESULTS[0]].decode().splitlines()[1:]]
+    copy_ids = [i.replace(first_id, f"{first_id}.2", 1) for i in reference_ids if i.startswith(f"{first_id}_chunk_")]
+    assert copy_ids and ids == reference_ids + copy_ids
 
 
 def test_output_dir_holding_a_run_is_refused_without_resume(env: dict[str, str], reads: Path,

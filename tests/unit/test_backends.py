@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from virnucpro.backends import common
 from virnucpro.backends.common import (
     ModelFormatError,
     ModelNotFoundError,
-    autocast_dtype,
+    PrecisionError,
+    autocast,
     embed_in_batches,
     plan_batches,
+    resolve_precision,
 )
 from virnucpro.backends.dnabert import DnabertBackend
 from virnucpro.backends.esm import EsmBackend
@@ -33,6 +34,7 @@ from virnucpro.backends.tiny import (
     ensure_tiny_models,
 )
 from virnucpro.pipeline.fasta import FastaError
+from virnucpro.pipeline.features import load_features
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -42,6 +44,10 @@ def write_records(path: Path, sequences: Sequence[str], prefix: str = "r") -> Pa
         for n, sequence in enumerate(sequences):
             handle.write(f">{prefix}{n} some description\n{sequence}\n")
     return path
+
+
+def features(path: Path) -> torch.Tensor:
+    return load_features(path).data
 
 
 def random_sequences(alphabet: str, lengths: Sequence[int], seed: int) -> list[str]:
@@ -134,17 +140,39 @@ def test_cancellation_is_checked_before_every_batch():
     assert len(embedded) == 2
 
 
-def test_cpu_runs_in_full_precision():
-    assert autocast_dtype(torch.device("cpu")) is None
-    with common.precision(torch.device("cpu")):
-        assert not torch.is_autocast_enabled()
+def test_cpu_runs_in_full_precision_by_default():
+    assert resolve_precision(torch.device("cpu")) == "fp32"
+    with autocast(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
 
 
-@pytest.mark.parametrize("supported, expected", [(True, torch.bfloat16), (False, None)])
-def test_cuda_autocasts_to_bf16_only_where_the_gpu_supports_it(monkeypatch, supported, expected):
+def fake_gpu(monkeypatch, native_bf16: bool) -> None:
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported)
-    assert autocast_dtype(torch.device("cuda:0")) is expected
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-PCIE-16GB")
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_a_gpu_defaults_to_bf16_only_where_it_has_it_natively(monkeypatch, native, expected):
+    fake_gpu(monkeypatch, native)
+    assert resolve_precision(torch.device("cuda:0")) == expected
+
+
+def test_fp32_can_be_chosen_on_a_gpu_with_native_bf16(monkeypatch):
+    fake_gpu(monkeypatch, True)
+    assert resolve_precision(torch.device("cuda:0"), "fp32") == "fp32"
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_naming_the_gpu_and_the_option(monkeypatch):
+    fake_gpu(monkeypatch, False)
+    with pytest.raises(PrecisionError, match=r"Tesla V100-PCIE-16GB\) has no native bf16; pass --precision fp32"):
+        resolve_precision(torch.device("cuda:0"), "bf16")
+
+
+def test_bf16_autocasts_the_forward_pass():
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.nn.functional.linear(torch.ones(1, 4), torch.ones(2, 4)).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- tiny models
@@ -176,38 +204,31 @@ def test_dnabert_backend_matches_the_in_memory_model_fed_one_sequence_at_a_time(
     sequences = random_sequences("ACGT", DNA_LENGTHS, seed=1)
     fasta = write_records(tmp_path / "output_1.fa", sequences)
     assert dnabert.run(fasta, tmp_path / "out.pt") == (len(sequences), sum(DNA_LENGTHS))
-    output = torch.load(tmp_path / "out.pt")
-
     # The original recipe: no padding, no mask, plain mean over [CLS] ... [SEP].
     model, tokenizer = build_tiny_dnabert(), build_tiny_tokenizer()
-    for sequence, entry in zip(sequences, output["data"], strict=True):
+    for sequence, row in zip(sequences, features(tmp_path / "out.pt"), strict=True):
         with torch.inference_mode():
             hidden = model(torch.tensor([tokenizer.encode(sequence).ids]))[0]
-        expected = hidden.mean(dim=1)[0]
-        assert torch.allclose(torch.tensor(entry["mean_representation"]), expected, atol=1e-5)
+        assert torch.allclose(row, hidden.mean(dim=1)[0], atol=1e-5)
 
 
 def test_dnabert_padded_batches_give_the_same_numbers_as_unpadded(tiny, tmp_path):
     fasta = write_records(tmp_path / "n.fa", random_sequences("ACGT", DNA_LENGTHS, seed=2))
     DnabertBackend(tiny.dnabert_dir, token_budget=1).run(fasta, tmp_path / "alone.pt")
     DnabertBackend(tiny.dnabert_dir, token_budget=100_000).run(fasta, tmp_path / "padded.pt")
-    alone = torch.tensor([e["mean_representation"] for e in torch.load(tmp_path / "alone.pt")["data"]])
-    padded = torch.tensor([e["mean_representation"] for e in torch.load(tmp_path / "padded.pt")["data"]])
-    assert torch.allclose(alone, padded, atol=1e-5)
+    assert torch.allclose(features(tmp_path / "alone.pt"), features(tmp_path / "padded.pt"), atol=1e-5)
 
 
-def test_dnabert_output_has_exactly_the_published_keys_and_types(dnabert, tmp_path):
+def test_dnabert_output_holds_the_ids_and_one_contiguous_float32_array(dnabert, tmp_path):
     fasta = write_records(tmp_path / "n.fa", random_sequences("ACGT", DNA_LENGTHS, seed=3), prefix="read")
     dnabert.run(fasta, tmp_path / "out.pt")
-    output = torch.load(tmp_path / "out.pt")
-    assert set(output) == {"nucleotide", "data"}
-    assert output["nucleotide"] == [f"read{n}" for n in range(len(DNA_LENGTHS))]  # ids: first word, input order
-    for label, entry in zip(output["nucleotide"], output["data"], strict=True):
-        assert set(entry) == {"label", "mean_representation"}
-        assert entry["label"] == label
-        assert type(entry["mean_representation"]) is list
-        assert len(entry["mean_representation"]) == DNABERT_HIDDEN
-        assert all(type(value) is float for value in entry["mean_representation"])
+    assert set(torch.load(tmp_path / "out.pt")) == {"stage", "precision", "ids", "data"}
+    output = load_features(tmp_path / "out.pt")
+    assert (output.stage, output.precision) == ("dnabert", "fp32")
+    assert output.ids == [f"read{n}" for n in range(len(DNA_LENGTHS))]  # ids: first word, input order
+    data = torch.load(tmp_path / "out.pt")["data"]
+    assert data.shape == (len(DNA_LENGTHS), DNABERT_HIDDEN) and data.dtype == torch.float32
+    assert data.is_contiguous() and data.untyped_storage().nbytes() == data.numel() * 4
 
 
 def test_dnabert_survives_a_fake_out_of_memory_with_the_same_result(tiny, tmp_path, monkeypatch):
@@ -223,10 +244,8 @@ def test_dnabert_survives_a_fake_out_of_memory_with_the_same_result(tiny, tmp_pa
 
     monkeypatch.setattr(backend, "_embed", embed_or_oom)
     backend.run(fasta, tmp_path / "halved.pt")
-    assert torch.load(tmp_path / "plain.pt")["nucleotide"] == torch.load(tmp_path / "halved.pt")["nucleotide"]
-    plain = torch.tensor([e["mean_representation"] for e in torch.load(tmp_path / "plain.pt")["data"]])
-    halved = torch.tensor([e["mean_representation"] for e in torch.load(tmp_path / "halved.pt")["data"]])
-    assert torch.allclose(plain, halved, atol=1e-5)
+    assert load_features(tmp_path / "plain.pt").ids == load_features(tmp_path / "halved.pt").ids
+    assert torch.allclose(features(tmp_path / "plain.pt"), features(tmp_path / "halved.pt"), atol=1e-5)
 
 
 def test_a_cancelled_dnabert_run_raises_and_writes_nothing(tiny, tmp_path):
@@ -261,36 +280,32 @@ def test_esm_backend_matches_the_in_memory_model_fed_one_protein_at_a_time(esm_b
     proteins = random_sequences(AMINO_ACIDS, PROTEIN_LENGTHS, seed=6)
     fasta = write_records(tmp_path / "output_1.fa", proteins)
     assert esm_backend.run(fasta, tmp_path / "out.pt") == (len(proteins), sum(PROTEIN_LENGTHS))
-    output = torch.load(tmp_path / "out.pt")
     model = build_tiny_esm()
-    for protein, feature in zip(proteins, output["data"], strict=True):
+    for protein, feature in zip(proteins, features(tmp_path / "out.pt"), strict=True):
         assert torch.allclose(feature, esm_reference(protein, model, model.alphabet), atol=1e-5)
 
 
-def test_esm_output_has_exactly_the_published_keys_and_follows_input_order(esm_backend, tmp_path):
+def test_esm_output_holds_the_ids_in_input_order_and_one_float32_array(esm_backend, tmp_path):
     fasta = write_records(tmp_path / "p.fa", random_sequences(AMINO_ACIDS, PROTEIN_LENGTHS, seed=7), prefix="orf")
     assert [i for b in plan_batches([n + 2 for n in PROTEIN_LENGTHS], 2048) for i in b] != list(range(8))
     esm_backend.run(fasta, tmp_path / "out.pt")
-    output = torch.load(tmp_path / "out.pt")
-    assert set(output) == {"proteins", "data"}
-    assert output["proteins"] == [f"orf{n}" for n in range(len(PROTEIN_LENGTHS))]
-    assert all(f.shape == (ESM_DIM,) and f.dtype == torch.float32 for f in output["data"])
+    output = load_features(tmp_path / "out.pt", "esm")
+    assert output.ids == [f"orf{n}" for n in range(len(PROTEIN_LENGTHS))]
+    assert output.data.shape == (len(PROTEIN_LENGTHS), ESM_DIM) and output.data.dtype == torch.float32
 
 
 def test_esm_padded_batches_give_the_same_numbers_as_unpadded(tiny, tmp_path):
     fasta = write_records(tmp_path / "p.fa", random_sequences(AMINO_ACIDS, PROTEIN_LENGTHS, seed=8))
     EsmBackend(tiny.esm_path, token_budget=1).run(fasta, tmp_path / "alone.pt")
     EsmBackend(tiny.esm_path, token_budget=100_000).run(fasta, tmp_path / "padded.pt")
-    alone = torch.stack(torch.load(tmp_path / "alone.pt")["data"])
-    padded = torch.stack(torch.load(tmp_path / "padded.pt")["data"])
-    assert torch.allclose(alone, padded, atol=1e-5)
+    assert torch.allclose(features(tmp_path / "alone.pt"), features(tmp_path / "padded.pt"), atol=1e-5)
 
 
 def test_esm_averages_the_first_1024_residues_of_a_longer_protein_seen_whole(esm_backend, tmp_path):
     protein = random_sequences(AMINO_ACIDS, [1100], seed=9)[0]
     esm_backend.run(write_records(tmp_path / "long.fa", [protein]), tmp_path / "out.pt")
     model = build_tiny_esm()
-    feature = torch.load(tmp_path / "out.pt")["data"][0]
+    feature = features(tmp_path / "out.pt")[0]
     assert torch.allclose(feature, esm_reference(protein, model, model.alphabet), atol=1e-5)
 
 
@@ -307,8 +322,7 @@ def test_esm_survives_a_fake_out_of_memory_with_the_same_result(tiny, tmp_path, 
 
     monkeypatch.setattr(backend, "_embed", embed_or_oom)
     backend.run(fasta, tmp_path / "halved.pt")
-    plain = torch.stack(torch.load(tmp_path / "plain.pt")["data"])
-    assert torch.allclose(plain, torch.stack(torch.load(tmp_path / "halved.pt")["data"]), atol=1e-5)
+    assert torch.allclose(features(tmp_path / "plain.pt"), features(tmp_path / "halved.pt"), atol=1e-5)
 
 
 def test_a_cancelled_esm_run_raises_and_writes_nothing(esm_backend, tmp_path):
@@ -349,3 +363,32 @@ def test_esm_checkpoint_whose_name_does_not_start_with_esm2_is_refused(tiny, tmp
     shutil.copy(tiny.esm_path, tmp_path / "protein_model.pt")
     with pytest.raises(ModelFormatError, match=r"protein_model\.pt: .*starts with 'esm2'"):
         EsmBackend(tmp_path / "protein_model.pt")
+
+
+# ---------------------------------------------------------------- precision and the shared run
+
+
+@pytest.mark.parametrize("backend_class, alphabet, lengths", [
+    (DnabertBackend, "ACGT", DNA_LENGTHS), (EsmBackend, AMINO_ACIDS, PROTEIN_LENGTHS)])
+def test_bf16_features_stay_close_to_fp32_ones_and_the_file_says_bf16(tiny, tmp_path, backend_class, alphabet,
+                                                                      lengths):
+    model = tiny.dnabert_dir if backend_class is DnabertBackend else tiny.esm_path
+    fasta = write_records(tmp_path / "in.fa", random_sequences(alphabet, lengths, seed=12))
+    backend_class(model, precision="fp32").run(fasta, tmp_path / "fp32.pt")
+    backend_class(model, precision="bf16").run(fasta, tmp_path / "bf16.pt")
+    full, half = load_features(tmp_path / "fp32.pt"), load_features(tmp_path / "bf16.pt")
+    assert (full.precision, half.precision) == ("fp32", "bf16")
+    assert not torch.equal(full.data, half.data)
+    assert torch.nn.functional.cosine_similarity(full.data, half.data, dim=1).min() > 0.99
+
+
+def test_an_input_without_records_gives_an_empty_array_of_the_model_width(esm_backend, tmp_path):
+    (tmp_path / "empty.fa").write_text("")
+    assert esm_backend.run(tmp_path / "empty.fa", tmp_path / "out.pt") == (0, 0)
+    assert load_features(tmp_path / "out.pt").data.shape == (0, ESM_DIM)
+
+
+def test_an_empty_nucleotide_sequence_is_named(dnabert, tmp_path):
+    fasta = write_records(tmp_path / "n.fa", ["ACGT", ""])
+    with pytest.raises(FastaError, match=r"n\.fa: sequence r1 is empty"):
+        dnabert.run(fasta, tmp_path / "out.pt")

@@ -12,10 +12,12 @@ from Bio.Data.CodonTable import standard_dna_table
 from hypothesis import given
 from hypothesis import strategies as st
 
-import virnucpro.pipeline.sequences as sequences
+import virnucpro.pipeline.reads as reads_module
 from virnucpro.pipeline.fasta import FastaError, read_fasta
+from virnucpro.pipeline.reads import SampleReads
 from virnucpro.pipeline.sequences import FilePair, chunk_records, chunk_spans, split_into_files, translate_six_frames
 
+IDSET_PEAK_BYTES_PER_ID = 60  # see tests/unit/test_reads.py
 STANDARD_CODE = {**standard_dna_table.forward_table, **{codon: "*" for codon in standard_dna_table.stop_codons}}
 
 
@@ -75,9 +77,9 @@ def test_chunks_cover_the_read_in_increasing_overlapping_spans_of_the_chunk_leng
     assert 0 < spans[-1][1] - spans[-1][0] <= expected_length
 
 
-def test_chunk_ids_keep_the_first_word_of_the_header_and_number_chunks_from_1():
+def test_chunk_ids_are_the_read_id_and_the_chunk_number_from_1():
     read = "A" * 500 + "C" * 499
-    chunks = list(chunk_records([("read7 some description", read), ("short", "ACGT")], 500))
+    chunks = list(chunk_records([("read7", read), ("short", "ACGT")], 500))
     assert chunks == [
         ("read7_chunk_1", read[0:500]),
         ("read7_chunk_2", read[499:999]),
@@ -165,7 +167,7 @@ def random_reads(count: int, length: int, seed: int = 1) -> str:
 
 def test_file_k_of_both_sets_holds_the_same_ids_in_the_same_order(tmp_path):
     source = write(tmp_path / "in.fa", random_reads(200, 150))
-    pairs = split_into_files(source, tmp_path / "work", 300, sequences_per_file=7)
+    pairs = split_into_files(SampleReads(source), tmp_path / "work", 300, sequences_per_file=7)
     assert len(pairs) > 2
     for pair in pairs:
         assert ids_of(pair.nucleotide) == ids_of(pair.protein)
@@ -174,7 +176,7 @@ def test_file_k_of_both_sets_holds_the_same_ids_in_the_same_order(tmp_path):
 def test_files_hold_sequences_per_file_records_and_the_last_holds_the_rest(tmp_path):
     # ACG repeats keep all six frames: 4 reads give 24 records, in files of 10, 10, 4.
     source = write(tmp_path / "in.fa", "".join(f">r{i}\nACGACGACG\n" for i in range(4)))
-    pairs = split_into_files(source, tmp_path / "work", 300, sequences_per_file=10)
+    pairs = split_into_files(SampleReads(source), tmp_path / "work", 300, sequences_per_file=10)
     work = tmp_path / "work"
     assert pairs == [
         FilePair(1, work / "nucleotide" / "output_1.fa", work / "protein" / "output_1.fa", 10),
@@ -188,10 +190,10 @@ def test_files_hold_sequences_per_file_records_and_the_last_holds_the_rest(tmp_p
 def test_files_hold_every_kept_frame_in_input_then_frame_order_one_line_per_sequence(tmp_path):
     text = random_reads(50, 700)
     source = write(tmp_path / "in.fa", text)
-    pairs = split_into_files(source, tmp_path / "work", 500, sequences_per_file=9)
+    pairs = split_into_files(SampleReads(source), tmp_path / "work", 500, sequences_per_file=9)
     expected = [
         frame
-        for chunk_id, chunk in chunk_records(read_fasta(source), 500)
+        for chunk_id, chunk in chunk_records(((h.split()[0], s) for h, s in read_fasta(source)), 500)
         for frame in translate_six_frames(chunk_id, chunk)
     ]
     nucleotide_text = "".join(pair.nucleotide.read_text() for pair in pairs)
@@ -206,25 +208,25 @@ def test_a_failure_mid_input_leaves_only_complete_files_and_no_temporary_ones(tm
         yield from [(f"r{i}", "ACGACGACG") for i in range(3)]  # 18 frames: one full file of 10
         raise FastaError(f"{path}: cannot be read to the end")
 
-    monkeypatch.setattr(sequences, "read_fasta", failing_reader)
+    monkeypatch.setattr(reads_module, "read_sequence_file", failing_reader)
     work = tmp_path / "work"
     with pytest.raises(FastaError, match="cannot be read to the end"):
-        split_into_files(tmp_path / "in.fa", work, 300, sequences_per_file=10)
+        split_into_files(SampleReads(tmp_path / "in.fa"), work, 300, sequences_per_file=10)
     for kind in ("nucleotide", "protein"):
         assert sorted(p.name for p in (work / kind).iterdir()) == ["output_1.fa"]
         assert len(ids_of(work / kind / "output_1.fa")) == 10
 
 
-def test_splitting_streams_so_memory_stays_small_on_a_multi_megabyte_input(tmp_path):
+def test_splitting_streams_so_memory_grows_only_by_the_duplicate_check_on_a_multi_megabyte_input(tmp_path):
     source = write(tmp_path / "in.fa", random_reads(15_000, 150))
     assert source.stat().st_size > 2_000_000
     tracemalloc.start()
     try:
-        split_into_files(source, tmp_path / "work", 300, sequences_per_file=10_000)
+        split_into_files(SampleReads(source), tmp_path / "work", 300, sequences_per_file=10_000)
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 500_000
+    assert peak < 500_000 + 15_000 * IDSET_PEAK_BYTES_PER_ID
 
 
 # Bad input
@@ -232,26 +234,26 @@ def test_splitting_streams_so_memory_stays_small_on_a_multi_megabyte_input(tmp_p
 
 def test_a_missing_input_is_a_fasta_error_naming_the_file(tmp_path):
     with pytest.raises(FastaError, match=r"nope\.fa: file not found"):
-        split_into_files(tmp_path / "nope.fa", tmp_path / "work", 300)
+        split_into_files(SampleReads(tmp_path / "nope.fa"), tmp_path / "work", 300)
 
 
 def test_an_input_that_is_not_fasta_is_a_fasta_error_naming_the_file(tmp_path):
     source = write(tmp_path / "reads.csv", "id,sequence\nr1,ACGT\n")
-    with pytest.raises(FastaError, match=r"reads\.csv: not a FASTA file"):
-        split_into_files(source, tmp_path / "work", 300)
+    with pytest.raises(FastaError, match=r"reads\.csv: not a FASTA or FASTQ file"):
+        split_into_files(SampleReads(source), tmp_path / "work", 300)
 
 
 def test_an_input_without_records_is_a_fasta_error_naming_the_file(tmp_path):
     source = write(tmp_path / "empty.fa", "\n")
     with pytest.raises(FastaError, match=r"empty\.fa: holds no FASTA records"):
-        split_into_files(source, tmp_path / "work", 300)
+        split_into_files(SampleReads(source), tmp_path / "work", 300)
 
 
 def test_an_input_where_no_frame_survives_is_a_fasta_error_and_writes_no_file(tmp_path):
     # TTAATTAATTAA is its own reverse complement and has a stop in each of its three frames.
     source = write(tmp_path / "stops.fa", ">r1\nTTAATTAATTAA\n>r2\nNNNNNNNN\n>r3\nAC\n")
     with pytest.raises(FastaError, match=r"no open reading frame in any read of .*stops\.fa"):
-        split_into_files(source, tmp_path / "work", 300)
+        split_into_files(SampleReads(source), tmp_path / "work", 300)
     assert list((tmp_path / "work").rglob("*.fa")) == []
 
 
@@ -259,10 +261,10 @@ def test_an_input_where_no_frame_survives_is_a_fasta_error_and_writes_no_file(tm
 def test_an_expected_length_other_than_300_or_500_is_a_value_error(tmp_path, expected_length):
     source = write(tmp_path / "in.fa", ">r1\nACGACGACG\n")
     with pytest.raises(ValueError, match="expected_length must be 300 or 500"):
-        split_into_files(source, tmp_path / "work", expected_length)
+        split_into_files(SampleReads(source), tmp_path / "work", expected_length)
 
 
 def test_a_sequences_per_file_below_1_is_a_value_error(tmp_path):
     source = write(tmp_path / "in.fa", ">r1\nACGACGACG\n")
     with pytest.raises(ValueError, match="sequences_per_file must be at least 1"):
-        split_into_files(source, tmp_path / "work", 300, sequences_per_file=0)
+        split_into_files(SampleReads(source), tmp_path / "work", 300, sequences_per_file=0)

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from virnucpro.backends.common import (
-    ModelNotFoundError,
-    check_token_budget,
-    embed_in_batches,
-    precision,
-    read_records,
-    resolve_device,
-)
+from virnucpro.backends.common import EmbedBatch, EmbeddingBackend, ModelNotFoundError
+from virnucpro.pipeline.fasta import FastaError
 
 logger = logging.getLogger(__name__)
 
@@ -51,62 +43,49 @@ def resolve_dnabert_model(model: str | Path) -> Path:
         ) from None
 
 
-class DnabertBackend:
+class DnabertBackend(EmbeddingBackend):
     """DNABERT-S loaded once on one device; `run` embeds one nucleotide FASTA file per call."""
 
     stage = "dnabert"
 
-    def __init__(self, model: str | Path, device: str = "cpu", token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
+    def __init__(self, model: str | Path, device: str = "cpu", token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 precision: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        self.device = resolve_device(device)
-        self.token_budget = check_token_budget(token_budget)
+        super().__init__(device, token_budget, precision)
         directory = resolve_dnabert_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True, local_files_only=True)
         self.model = AutoModel.from_pretrained(directory, trust_remote_code=True, local_files_only=True)
         self.model.to(self.device).eval()
+        self.width = self.model.config.hidden_size
         # Padding positions are masked out, so any id works when the tokenizer names no pad token.
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        logger.info("DNABERT-S from %s on %s", directory, self.device)
+        logger.info("DNABERT-S from %s on %s (%s)", directory, self.device, self.precision)
 
-    def run(
-        self, input_path: Path, output_path: Path, should_stop: Callable[[], bool] = lambda: False
-    ) -> tuple[int, int]:
-        """Embed every record of the FASTA input_path and torch.save the result to output_path.
+    def check(self, path: Path, ids: list[str], sequences: list[str]) -> None:
+        """Every sequence has a base (the tokenizer maps any other character to [UNK], as DNABERT-S's own)."""
+        for label, sequence in zip(ids, sequences, strict=True):
+            if not sequence:
+                raise FastaError(f"{path}: sequence {label} is empty; DNABERT-S needs at least one base")
 
-        Returns (sequences, residues). Raises Cancelled, writing nothing, when
-        should_stop() turns True between batches.
-        """
-        started = time.monotonic()
-        ids, sequences = read_records(input_path)
+    def prepare(self, sequences: list[str]) -> tuple[list[int], EmbedBatch]:
         token_ids: list[list[int]] = (
             self.tokenizer(sequences, add_special_tokens=True)["input_ids"] if sequences else []
         )
-        features = embed_in_batches(
-            [len(tokens) for tokens in token_ids],
-            self.token_budget,
-            lambda batch: self._embed([token_ids[i] for i in batch]),
-            should_stop,
-        )
-        data = [
-            {"label": label, "mean_representation": feature.tolist()} for label, feature in zip(ids, features, strict=True)
-        ]
-        torch.save({"nucleotide": ids, "data": data}, output_path)
-        logger.debug("%s: %d sequences in %.2f s", input_path, len(ids), time.monotonic() - started)
-        return len(ids), sum(len(sequence) for sequence in sequences)
+        return [len(tokens) for tokens in token_ids], lambda batch: self._embed([token_ids[i] for i in batch])
 
     def _embed(self, batch: list[list[int]]) -> torch.Tensor:
         """Mask-weighted mean of the last hidden state over [CLS], the sequence and [SEP]."""
-        width = max(len(tokens) for tokens in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        longest = max(len(tokens) for tokens in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
         for row, tokens in enumerate(batch):
             input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, : len(tokens)] = 1
         input_ids = input_ids.to(self.device)
         mask = mask.to(self.device)
         with torch.inference_mode():
-            with precision(self.device):
+            with self.autocast():
                 hidden = self.model(input_ids=input_ids, attention_mask=mask)[0]
             # Pooled in fp32 whatever the forward ran in, so bf16 rounding does not add up over tokens.
             weights = mask.unsqueeze(-1).to(torch.float32)

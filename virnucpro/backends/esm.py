@@ -5,22 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
-import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from virnucpro.backends.common import (
-    ModelFormatError,
-    ModelNotFoundError,
-    check_token_budget,
-    embed_in_batches,
-    precision,
-    read_records,
-    resolve_device,
-)
+from virnucpro.backends.common import EmbedBatch, EmbeddingBackend, ModelFormatError, ModelNotFoundError
 from virnucpro.pipeline.fasta import FastaError
 
 logger = logging.getLogger(__name__)
@@ -75,16 +65,16 @@ def resolve_esm_model(model: str | Path) -> Path:
     return checkpoint
 
 
-class EsmBackend:
+class EsmBackend(EmbeddingBackend):
     """ESM-2 loaded once on one device; `run` embeds one protein FASTA file per call."""
 
     stage = "esm"
 
-    def __init__(self, model: str | Path, device: str = "cpu", token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
+    def __init__(self, model: str | Path, device: str = "cpu", token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 precision: str | None = None) -> None:
         import esm
 
-        self.device = resolve_device(device)
-        self.token_budget = check_token_budget(token_budget)
+        super().__init__(device, token_budget, precision)
         checkpoint = resolve_esm_model(model)
         # The published checkpoints keep their config in an argparse.Namespace, which torch's
         # weights-only loader refuses unless it is allow-listed.
@@ -98,33 +88,17 @@ class EsmBackend:
             ) from None
         self.model.to(self.device).eval()
         self.layer = self.model.num_layers
+        self.width = self.model.embed_dim
         self.batch_converter = alphabet.get_batch_converter()
         self.residues = frozenset(token for token in alphabet.all_toks if len(token) == 1)
-        logger.info("ESM-2 from %s (layer %d) on %s", checkpoint, self.layer, self.device)
+        logger.info("ESM-2 from %s (layer %d) on %s (%s)", checkpoint, self.layer, self.device, self.precision)
 
-    def run(
-        self, input_path: Path, output_path: Path, should_stop: Callable[[], bool] = lambda: False
-    ) -> tuple[int, int]:
-        """Embed every record of the FASTA input_path and torch.save the result to output_path.
+    def prepare(self, sequences: list[str]) -> tuple[list[int], EmbedBatch]:
+        lengths = [len(sequence) + 2 for sequence in sequences]  # BOS and EOS
+        return lengths, lambda batch: self._embed([sequences[i] for i in batch])
 
-        Returns (sequences, residues). Raises Cancelled, writing nothing, when
-        should_stop() turns True between batches.
-        """
-        started = time.monotonic()
-        ids, sequences = read_records(input_path)
-        self._check_residues(input_path, ids, sequences)
-        features = embed_in_batches(
-            [len(sequence) + 2 for sequence in sequences],  # BOS and EOS
-            self.token_budget,
-            lambda batch: self._embed([sequences[i] for i in batch]),
-            should_stop,
-        )
-        # Rows are cloned so each saved tensor owns its storage, as in the original's output.
-        torch.save({"proteins": ids, "data": [row.clone() for row in features]}, output_path)
-        logger.debug("%s: %d sequences in %.2f s", input_path, len(ids), time.monotonic() - started)
-        return len(ids), sum(len(sequence) for sequence in sequences)
-
-    def _check_residues(self, path: Path, ids: list[str], sequences: list[str]) -> None:
+    def check(self, path: Path, ids: list[str], sequences: list[str]) -> None:
+        """Every protein has a residue, and only residues of the ESM-2 alphabet."""
         for label, sequence in zip(ids, sequences, strict=True):
             if not sequence:
                 raise FastaError(f"{path}: protein {label} is empty; ESM-2 needs at least one residue")
@@ -141,7 +115,7 @@ class EsmBackend:
         tokens = tokens.to(self.device)
         lengths = torch.tensor([min(len(sequence), MEAN_POSITIONS) for sequence in batch], device=self.device)
         with torch.inference_mode():
-            with precision(self.device):
+            with self.autocast():
                 output = self.model(tokens, repr_layers=[self.layer])
             representations = output["representations"][self.layer].to(torch.float32)
             positions = torch.arange(tokens.shape[1], device=self.device)

@@ -6,6 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+# What a model's forward pass can run in: bfloat16 autocast, or full float32 as the original tool.
+PRECISIONS = ("bf16", "fp32")
+
 
 class Cancelled(Exception):
     """The broker revoked the task while it ran; no output is published."""

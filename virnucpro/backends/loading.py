@@ -31,13 +31,15 @@ def model_paths(models: str, dnabert_model: str | None, esm_model: str | None) -
 
 def load_backends(
     stages: tuple[str, ...], device: str, models: str = "virnucpro",
-    dnabert_model: str | None = None, esm_model: str | None = None,
+    dnabert_model: str | None = None, esm_model: str | None = None, precision: str | None = None,
 ) -> dict[str, Backend]:
-    """Load the backend of every stage in `stages` onto `device`, once.
+    """Load the backend of every stage in `stages` onto `device`, once, to run in `precision`.
 
     Raises ModelNotFoundError or ModelFormatError for a model that is not
     there or not in its format, ImportError when the models extra is
-    missing, and RuntimeError for a device torch cannot use.
+    missing, PrecisionError for a precision the device lacks, and
+    RuntimeError for a device torch cannot use. `precision` None is bf16
+    where the GPU has it natively, fp32 elsewhere.
     """
     backends: dict[str, Backend] = {}
     paths = model_paths(models, dnabert_model, esm_model)
@@ -45,9 +47,9 @@ def load_backends(
         if stage == "dnabert":
             from virnucpro.backends.dnabert import DnabertBackend
 
-            backends[stage] = DnabertBackend(paths["dnabert"], device=device)
+            backends[stage] = DnabertBackend(paths["dnabert"], device=device, precision=precision)
         elif stage == "esm":
             from virnucpro.backends.esm import EsmBackend
 
-            backends[stage] = EsmBackend(paths["esm"], device=device)
+            backends[stage] = EsmBackend(paths["esm"], device=device, precision=precision)
     return backends

@@ -173,9 +173,19 @@ def summary_line(report: dict[str, Any]) -> str:
 
 
 def write_report(plan: Plan, report: dict[str, Any] | None, address: str) -> Path:
-    """run_report.json in the output directory, written atomically."""
-    document = {"address": address, "stage": plan.stage, "output_dir": str(plan.output_dir),
-                "skipped_complete": len(plan.skipped), **(report or {})}
+    """run_report.json in the output directory, written atomically.
+
+    For the embedding stages, `precision` counts the files this job wrote in
+    each precision (bf16, fp32), as each feature file records it.
+    """
+    document: dict[str, Any] = {"address": address, "stage": plan.stage, "output_dir": str(plan.output_dir),
+                                "skipped_complete": len(plan.skipped)}
+    outputs = [Path(f["output"]) for f in plan.todo]
+    if outputs and all(path.suffix == ".pt" for path in outputs):
+        from virnucpro.pipeline.features import count_precisions
+
+        document["precision"] = count_precisions(outputs)
+    document.update(report or {})
     return write_text_atomically(plan.output_dir / "run_report.json", json.dumps(document, indent=2) + "\n")
 
 

@@ -35,7 +35,9 @@ class PredictOptions:
     sequences_per_file: int | None = None
     resume: bool = False
     timeout: float = 600.0
-
+    rename_duplicates: bool = False
+    precision: str | None = None  # None: bf16 where the GPU has it natively, fp32 elsewhere
+    keep_features: bool = False
 
 
 def check_options(options: PredictOptions) -> None:
@@ -46,7 +48,8 @@ def check_options(options: PredictOptions) -> None:
     if options.broker is not None:
         local_only = {"--gpus": options.gpus, "--workers": options.workers, "--gpu-weights": options.gpu_weights,
                       "--throughput-log": options.throughput_log, "--worker-timeout": options.worker_timeout,
-                      "--dnabert-model": options.dnabert_model, "--esm-model": options.esm_model}
+                      "--dnabert-model": options.dnabert_model, "--esm-model": options.esm_model,
+                      "--precision": options.precision}
         given = [name for name, value in local_only.items() if value is not None]
         if given:
             raise PredictError(f"{', '.join(given)} configure the broker and workers this command starts; with "

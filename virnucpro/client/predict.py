@@ -1,4 +1,4 @@
-"""The `virnucpro predict` command: split a sample, embed it through the broker, merge, classify.
+"""The `virnucpro predict` command: split a sample, embed it through the broker, classify each file pair, assemble.
 
 Orchestration only: the stages themselves live in the pipeline modules and
 the broker's workers, the run directory in run_dir, and where the jobs run in
@@ -36,10 +36,10 @@ from virnucpro.client.run_dir import (
     split_input,
     write_failed_files,
 )
-from virnucpro.client.session import broker_session, local_devices, sigterm_as_interrupt
+from virnucpro.client.session import broker_session, check_precision, local_devices, sigterm_as_interrupt
 from virnucpro.pipeline.classifier import ClassifierCheckpointError, MLPClassifier, load_classifier
-from virnucpro.pipeline.merge import merge_files, merged_path
-from virnucpro.pipeline.outputs import write_predictions
+from virnucpro.pipeline.merge import merged_path
+from virnucpro.pipeline.outputs import assemble_predictions, classify_pair, pair_predictions_path
 from virnucpro.pipeline.sequences import FilePair
 from virnucpro.stages import is_complete, output_path
 
@@ -87,21 +87,25 @@ def embed_stages(client: BrokerClient, plans: Sequence[Plan], options: PredictOp
     return failures
 
 
-def merge_complete(pairs: Sequence[FilePair], work_dir: Path) -> list[Path]:
-    """Merged features of every pair whose two embeddings exist, in order of k; merges done before are kept."""
-    merged_dir = work_dir / "merged"
-    todo_dnabert, todo_esm, merged = [], [], []
+def classify_pairs(pairs: Sequence[FilePair], work_dir: Path, classifier: MLPClassifier,
+                   keep_features: bool) -> list[Path]:
+    """Per-pair predictions of every pair whose two embeddings exist, in order of k.
+
+    Classification is fast next to the embeddings, so it is done again on
+    every run rather than trusted from an earlier one with other options.
+    """
+    done = []
     for pair in pairs:
         dnabert = output_path("dnabert", pair.nucleotide, work_dir / "dnabert")
         esm = output_path("esm", pair.protein, work_dir / "esm")
         if not (is_complete(dnabert) and is_complete(esm)):
             continue
-        merged.append(merged_path(merged_dir, pair.index))
-        if not is_complete(merged[-1]):
-            todo_dnabert.append(dnabert)
-            todo_esm.append(esm)
-    merge_files(todo_dnabert, todo_esm, merged_dir)
-    return merged
+        (work_dir / "classify").mkdir(exist_ok=True)
+        if keep_features:
+            (work_dir / "merged").mkdir(exist_ok=True)
+        done.append(classify_pair(dnabert, esm, classifier, pair_predictions_path(work_dir / "classify", pair.index),
+                                  merged_path(work_dir / "merged", pair.index) if keep_features else None).path)
+    return done
 
 
 # ---------------------------------------------------------------- command
@@ -120,6 +124,7 @@ def predict(options: PredictOptions, console: Console | None = None) -> int:
         try:
             check_options(options)
             devices = local_devices(options) if options.broker is None else []
+            check_precision(options, devices)
             classifier = open_classifier(options)
             if holds_run(output_dir) and not options.resume:
                 raise PredictError(f"{output_dir}: already holds a virnucpro run; pass --resume to continue it, "
@@ -140,14 +145,14 @@ def predict(options: PredictOptions, console: Console | None = None) -> int:
                 with broker_session(options, devices, work_dir, console) as client:
                     reasons = embed_stages(client, plans, options, console)
             failed = write_failed_files(output_dir, pairs, work_dir, reasons)
-            merged = merge_complete(pairs, work_dir)
-            written = write_predictions(merged, classifier, output_dir)
+            classified = classify_pairs(pairs, work_dir, classifier, options.keep_features)
+            written = assemble_predictions(classified, output_dir)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished outputs are kept; rerun the same command with "
                           "--resume to continue")
             return EXIT_INTERRUPTED
         except (PredictError, ValueError, EmbedError, BrokerError, BrokerUnreachable, OSError) as exc:
-            # ValueError covers the input's (FastaError) and the merge's and outputs' errors.
+            # ValueError covers the input's (FastaError), the feature files' and the outputs' errors.
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             if split_done:
                 console.print(f"finished outputs are kept in {work_dir}; once this is fixed, rerun the same "
@@ -158,7 +163,7 @@ def predict(options: PredictOptions, console: Console | None = None) -> int:
     if failed:
         listing = escape(str(output_dir / FAILED_FILES_NAME))
         console.print(f"[red]{len(failed)} files failed[/red] (listed with reasons in {listing}); the predictions "
-                      f"cover the {len(merged)} of {len(pairs)} file pairs with both embeddings; rerun with --resume "
+                      f"cover the {len(classified)} of {len(pairs)} file pairs with both embeddings; rerun with --resume "
                       "to retry them")
         return EXIT_PARTIAL
     return EXIT_OK

@@ -7,6 +7,7 @@ continues after any interruption and recomputes nothing that finished.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from virnucpro.atomic import write_text_atomically
 from virnucpro.client.embed import Plan, plan_job
 from virnucpro.client.options import PredictError, PredictOptions
 from virnucpro.pipeline.outputs import RESULTS_NAME
+from virnucpro.pipeline.reads import SampleReads
 from virnucpro.pipeline.sequences import FilePair, split_into_files
 from virnucpro.stages import is_complete, output_path
 
@@ -34,6 +36,7 @@ AUTO_FILES_PER_SAMPLE = 32
 MIN_AUTO_SEQUENCES_PER_FILE = 50
 MAX_SEQUENCES_PER_FILE = 10000
 GZIP_RATIO = 4  # a gzipped FASTA is about a quarter of its text
+FASTQ_RATIO = 2  # a FASTQ holds a quality per base besides the bases
 
 
 def holds_run(output_dir: Path) -> bool:
@@ -46,13 +49,18 @@ def auto_sequences_per_file(input_fasta: Path, expected_length: int) -> int:
 
     Never from the worker count: embeddings are batched within a file, so the
     file size must not change with the hardware for outputs to stay the same.
-    A chunk of C bases keeps about one frame, so the text size over C
-    estimates the frames.
+    A chunk of C bases keeps about one frame, so the bases over C estimate
+    the frames.
     """
     size = input_fasta.stat().st_size
     with open(input_fasta, "rb") as handle:
-        if handle.read(2) == b"\x1f\x8b":
-            size *= GZIP_RATIO
+        compressed = handle.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open if compressed else open)(input_fasta, "rb") as handle:
+            fastq = handle.read(256).lstrip().startswith(b"@")
+    except (OSError, EOFError):
+        fastq = False  # reading the input says what is wrong with it
+    size = size * (GZIP_RATIO if compressed else 1) // (FASTQ_RATIO if fastq else 1)
     frames = size // expected_length
     return min(MAX_SEQUENCES_PER_FILE, max(MIN_AUTO_SEQUENCES_PER_FILE, -(-frames // AUTO_FILES_PER_SAMPLE)))
 
@@ -63,7 +71,12 @@ def _split_identity(options: PredictOptions, sequences_per_file: int) -> dict[st
     return {"input": str(options.input_fasta.resolve()), "input_size": stat.st_size,
             "input_mtime_ns": stat.st_mtime_ns, "expected_length": options.expected_length,
             "sequences_per_file": sequences_per_file, "models": options.models,
-            "dnabert_model": options.dnabert_model, "esm_model": options.esm_model}
+            "dnabert_model": options.dnabert_model, "esm_model": options.esm_model,
+            "rename_duplicates": options.rename_duplicates}
+
+
+# What a manifest written before an identity key existed meant by it.
+IDENTITY_DEFAULTS = {"rename_duplicates": False}
 
 
 def split_input(options: PredictOptions, work_dir: Path, console: Console) -> list[FilePair]:
@@ -77,11 +90,12 @@ def split_input(options: PredictOptions, work_dir: Path, console: Console) -> li
     if options.resume and manifest_path.is_file():
         manifest = _read_manifest(manifest_path)
         wanted = _split_identity(options, options.sequences_per_file or manifest["sequences_per_file"])
-        changed = [key for key, value in wanted.items() if manifest.get(key) != value]
+        earlier = {key: manifest.get(key, IDENTITY_DEFAULTS.get(key)) for key in wanted}
+        changed = [key for key, value in wanted.items() if earlier[key] != value]
         if changed:
             raise PredictError(
                 f"{manifest_path}: the run there was started with other "
-                + ", ".join(f"{key} ({manifest.get(key)!r}, now {wanted[key]!r})" for key in changed)
+                + ", ".join(f"{key} ({earlier[key]!r}, now {wanted[key]!r})" for key in changed)
                 + "; resume with the same input and options, or start a new run with another -o"
             )
         pairs = [FilePair(p["index"], work_dir / p["nucleotide"], work_dir / p["protein"], p["sequences"])
@@ -94,11 +108,17 @@ def split_input(options: PredictOptions, work_dir: Path, console: Console) -> li
         options.input_fasta, options.expected_length)
     identity = _split_identity(options, sequences_per_file)
     manifest_path.unlink(missing_ok=True)
-    pairs = split_into_files(options.input_fasta, work_dir, options.expected_length, sequences_per_file)
+    reads = SampleReads(options.input_fasta, options.rename_duplicates)
+    pairs = split_into_files(reads, work_dir, options.expected_length, sequences_per_file)
+    if reads.empty:
+        console.print(f"[yellow]warning:[/yellow] {reads.empty:,} empty records skipped (a header and no bases)")
+    if reads.renamed:
+        console.print(f"[yellow]warning:[/yellow] {reads.renamed:,} reads had an id already used and were renamed "
+                      "id.2, id.3, ... (--rename-duplicates)")
     files = [{"index": p.index, "nucleotide": str(p.nucleotide.relative_to(work_dir)),
               "protein": str(p.protein.relative_to(work_dir)), "sequences": p.sequences} for p in pairs]
     write_text_atomically(manifest_path, json.dumps({**identity, "files": files}, indent=2) + "\n")
-    console.print(f"split: {sum(p.sequences for p in pairs):,} frames into {len(pairs)} file pairs "
+    console.print(f"split: {reads.reads:,} reads, {sum(p.sequences for p in pairs):,} frames into {len(pairs)} file pairs "
                   f"of up to {sequences_per_file:,} sequences", markup=False)
     return pairs
 

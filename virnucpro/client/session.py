@@ -49,6 +49,8 @@ def worker_options(options: PredictOptions) -> list[str]:
         models += ["--dnabert-model", options.dnabert_model]
     if options.esm_model:
         models += ["--esm-model", options.esm_model]
+    if options.precision:
+        models += ["--precision", options.precision]
     return models
 
 
@@ -87,6 +89,21 @@ def local_devices(options: PredictOptions) -> list[str]:
     if options.workers is not None:
         return ["cpu"] * options.workers
     return [f"cuda:{g}" for g in range(gpus)] or ["cpu", "cpu"]
+
+
+def check_precision(options: PredictOptions, devices: Sequence[str]) -> None:
+    """Refuse a --precision that a local device lacks now, rather than as a worker that fails to start."""
+    if options.precision is None:
+        return
+    import torch
+
+    from virnucpro.backends.common import PrecisionError, resolve_precision
+
+    for device in dict.fromkeys(devices):
+        try:
+            resolve_precision(torch.device(device), options.precision)
+        except PrecisionError as exc:
+            raise PredictError(f"--precision {options.precision}: {exc}") from None
 
 
 def _cores() -> int:

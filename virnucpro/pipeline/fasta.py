@@ -1,4 +1,4 @@
-"""Streaming FASTA reading with errors that name the file and say what is wrong."""
+"""Streaming FASTA (and FASTQ) reading with errors that name the file and say what is wrong."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
+from Bio.SeqIO.QualityIO import FastqGeneralIterator
 
 
 class FastaError(ValueError):
@@ -41,22 +42,43 @@ def _open_text(path: Path) -> IO[str]:
 def read_fasta(path: str | Path) -> Iterator[tuple[str, str]]:
     """Yield (header, sequence) per record, one record in memory at a time.
 
+    Whitespace inside the sequence is dropped, as Biopython's SeqIO does.
     Plain or gzip-compressed files are accepted. Raises FastaError naming the
     file when it is missing, unreadable, binary, or does not start with '>'.
     An empty file yields nothing; callers that need records check for that.
     """
-    path = Path(path)
+    return _read(Path(path), fastq=False)
+
+
+def read_sequence_file(path: str | Path) -> Iterator[tuple[str, str]]:
+    """As read_fasta, for a FASTA or a FASTQ file (told apart by its first character; qualities are ignored)."""
+    return _read(Path(path), fastq=True)
+
+
+def _read(path: Path, fastq: bool) -> Iterator[tuple[str, str]]:
     with _open_text(path) as handle:
         try:
             first = _first_content_line(handle)
             if first is None:
                 return
-            if not first.startswith(">"):
+            if first.startswith(">"):
+                for header, sequence in SimpleFastaParser(_chain_line(first, handle)):
+                    yield header, "".join(sequence.split())
+            elif first.startswith("@") and fastq:
+                handle.seek(0)  # the parser takes a file, not lines; it skips the blank lines before the first record
+                try:
+                    for header, sequence, _quality in FastqGeneralIterator(handle):
+                        yield header, sequence
+                except ValueError as exc:
+                    if isinstance(exc, UnicodeDecodeError):
+                        raise
+                    raise FastaError(f"{path}: not a valid FASTQ file ({exc})") from None
+            else:
+                wanted = "'>' (FASTA) or '@' (FASTQ)" if fastq else "'>'"
                 raise FastaError(
-                    f"{path}: not a FASTA file (the first non-blank line must start with '>', "
-                    f"found {first[:40]!r})"
+                    f"{path}: not a {'FASTA or FASTQ' if fastq else 'FASTA'} file (the first non-blank line must "
+                    f"start with {wanted}, found {first[:40]!r})"
                 )
-            yield from SimpleFastaParser(_chain_line(first, handle))
         except UnicodeDecodeError:
             raise FastaError(f"{path}: not a text FASTA file (binary content)") from None
         except (OSError, EOFError) as exc:

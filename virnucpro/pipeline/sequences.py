@@ -14,7 +14,8 @@ from itertools import chain, islice, product
 from pathlib import Path
 
 from virnucpro.atomic import atomic_write
-from virnucpro.pipeline.fasta import FastaError, read_fasta
+from virnucpro.pipeline.fasta import FastaError
+from virnucpro.pipeline.reads import SampleReads
 
 EXPECTED_LENGTHS = (300, 500)
 """The chunk lengths the published classifiers (300_model.pth, 500_model.pth) were trained on."""
@@ -66,14 +67,9 @@ def chunk_spans(length: int, expected_length: int) -> list[tuple[int, int]]:
     return spans
 
 
-def chunk_records(records: Iterable[tuple[str, str]], expected_length: int) -> Iterator[tuple[str, str]]:
-    """Yield (`<id>_chunk_<i>`, chunk) for every chunk of every (header, sequence) record.
-
-    The id is the first word of the header; the description is dropped.
-    """
-    for header, sequence in records:
-        words = header.split(maxsplit=1)
-        record_id = words[0] if words else ""
+def chunk_records(reads: Iterable[tuple[str, str]], expected_length: int) -> Iterator[tuple[str, str]]:
+    """Yield (`<id>_chunk_<i>`, chunk) for every chunk of every (id, sequence) read."""
+    for record_id, sequence in reads:
         for i, (start, end) in enumerate(chunk_spans(len(sequence), expected_length), start=1):
             yield f"{record_id}_chunk_{i}", sequence[start:end]
 
@@ -101,16 +97,17 @@ def translate_six_frames(record_id: str, sequence: str) -> Iterator[tuple[str, s
 
 
 def split_into_files(
-    input_fasta: Path, work_dir: Path, expected_length: int, sequences_per_file: int = 10000
+    reads: SampleReads, work_dir: Path, expected_length: int, sequences_per_file: int = 10000
 ) -> list[FilePair]:
-    """Chunk and translate `input_fasta`, writing paired files of `sequences_per_file` frames.
+    """Chunk and translate the reads, writing paired files of `sequences_per_file` frames.
 
     Writes `work_dir/nucleotide/output_k.fa` and `work_dir/protein/output_k.fa`
     for k = 1, 2, ...; every file but the last holds exactly
     `sequences_per_file` records. Each file appears under its final name only
     once complete. Raises ValueError for a bad `expected_length` or
-    `sequences_per_file`, and FastaError naming the file when the input is
-    missing, not FASTA, empty, or has no open reading frame.
+    `sequences_per_file`, and FastaError naming the input when it is
+    missing, not FASTA or FASTQ, empty, fails a check of SampleReads, or has
+    no open reading frame.
     """
     if expected_length not in EXPECTED_LENGTHS:
         raise ValueError(
@@ -119,25 +116,21 @@ def split_into_files(
         )
     if sequences_per_file < 1:
         raise ValueError(f"sequences_per_file must be at least 1, got {sequences_per_file!r}")
-    input_fasta, work_dir = Path(input_fasta), Path(work_dir)
-
-    records = read_fasta(input_fasta)
-    first_record = next(records, None)
-    if first_record is None:
-        raise FastaError(f"{input_fasta}: holds no FASTA records; give a file with at least one '>' record")
+    work_dir = Path(work_dir)
     frames = (
         frame
-        for chunk_id, chunk in chunk_records(chain([first_record], records), expected_length)
+        for chunk_id, chunk in chunk_records(reads, expected_length)
         for frame in translate_six_frames(chunk_id, chunk)
     )
 
     nucleotide_dir, protein_dir = work_dir / "nucleotide", work_dir / "protein"
-    nucleotide_dir.mkdir(parents=True, exist_ok=True)
-    protein_dir.mkdir(parents=True, exist_ok=True)
     pairs: list[FilePair] = []
     # Each turn takes one frame, and the inner loop the next sequences_per_file - 1
     # from the same generator: a file is only opened when it gets a record.
     for first_frame in frames:
+        if not pairs:
+            nucleotide_dir.mkdir(parents=True, exist_ok=True)
+            protein_dir.mkdir(parents=True, exist_ok=True)
         index = len(pairs) + 1
         nucleotide_path = nucleotide_dir / f"output_{index}.fa"
         protein_path = protein_dir / f"output_{index}.fa"
@@ -151,7 +144,7 @@ def split_into_files(
         pairs.append(FilePair(index, nucleotide_path, protein_path, count))
     if not pairs:
         raise FastaError(
-            f"no open reading frame in any read of {input_fasta}: every frame of every chunk has a stop "
+            f"no open reading frame in any read of {reads.path}: every frame of every chunk has a stop "
             f"codon or no complete ACGT codon; check that the file holds nucleotide reads"
         )
     return pairs

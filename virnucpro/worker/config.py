@@ -23,6 +23,7 @@ class WorkerConfig:
     models: str = "virnucpro"
     dnabert_model: str | None = None
     esm_model: str | None = None
+    precision: str | None = None  # None: bf16 where the GPU has it natively, fp32 elsewhere
     broker_timeout: float = 10.0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -50,13 +51,14 @@ def open_backends(config: WorkerConfig) -> dict[str, Backend]:
     if "synthetic" in config.stages:
         raise WorkerSetupError("the synthetic stage needs --synthetic-speed R (residues per second)")
     try:
-        from virnucpro.backends.common import ModelFormatError, ModelNotFoundError
+        from virnucpro.backends.common import ModelFormatError, ModelNotFoundError, PrecisionError
         from virnucpro.backends.loading import load_backends
     except ImportError as exc:
         raise WorkerSetupError(_missing_extra(exc)) from None
     try:
-        return load_backends(config.stages, config.device, config.models, config.dnabert_model, config.esm_model)
-    except (ModelNotFoundError, ModelFormatError) as exc:
+        return load_backends(config.stages, config.device, config.models, config.dnabert_model, config.esm_model,
+                             config.precision)
+    except (ModelNotFoundError, ModelFormatError, PrecisionError) as exc:
         raise WorkerSetupError(str(exc)) from None
     except ImportError as exc:
         raise WorkerSetupError(_missing_extra(exc)) from None
