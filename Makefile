@@ -46,3 +46,4 @@ bench: install
 	$(PY) tools/bench_overhead.py --json bench-results/overhead.json
 	$(PY) tools/bench_reliability.py --json bench-results/reliability.json
 	$(PY) tools/bench_refine_loop.py --json bench-results/refine_loop.json
+	$(PY) tools/bench_pipeline.py --pairs 3 --processes 1,2 --json bench-results/pipeline.json

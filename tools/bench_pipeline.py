@@ -5,9 +5,10 @@ the embedding stages write them, with the split's ids (`read<i>_chunk_1F1`);
 the classifier is the published architecture, MLPClassifier(3328), with
 seeded random weights. A pair is timed from reading its two files to its
 prediction rows on disk (classify_pair). It runs once per `--processes N`,
-N processes side by side each with cores / N threads, to show how it scales
-with workers; then the final two files are assembled from the per-pair
-files of the first run (assemble_predictions), timed on its own.
+N processes side by side with the same threads each (cores / the largest
+N), to show how it scales with workers, and once as one process using every
+core; then the final two files are assembled from the per-pair files of
+the first run (assemble_predictions), timed on its own.
 
     python tools/bench_pipeline.py [--frames 10000] [--pairs 2] [--processes 2] [--json results.json]
 """
@@ -61,13 +62,12 @@ def process_pairs(job: tuple[list[tuple[int, str, str]], str, str, int]) -> floa
     return time.perf_counter() - started
 
 
-def timed(pairs: list[tuple[int, str, str]], processes: int, classifier: Path, root: Path,
+def timed(pairs: list[tuple[int, str, str]], processes: int, threads: int, classifier: Path, root: Path,
           frames: int) -> dict[str, Any]:
-    """`processes` processes, each given its own pairs; frames/s over the wall time of all of them."""
-    threads = max(1, cores() // processes)
+    """`processes` processes of `threads` threads, each given its own pairs; frames/s over the slowest."""
     jobs = []
     for n in range(processes):
-        out = root / f"out-{processes}-{n}"
+        out = root / f"out-{processes}x{threads}-{n}"
         out.mkdir()
         jobs.append((pairs[n::processes], str(classifier), str(out), threads))
     started = time.perf_counter()
@@ -96,10 +96,16 @@ def run(frames: int, pairs_each: int, process_counts: list[int]) -> dict[str, An
             pairs.append((k, str(dnabert), str(esm)))
         results: dict[str, Any] = {"frames_per_pair": frames, "cores": cores(), "torch": torch.__version__,
                                    "runs": []}
-        for processes in process_counts:
-            results["runs"].append(timed(pairs[: processes * pairs_each], processes, classifier, root, frames))
-        per_pair = [pair_predictions_path(root / f"out-{process_counts[0]}-{n % process_counts[0]}", k)
-                    for n, (k, _, _) in enumerate(pairs[: process_counts[0] * pairs_each])]
+        threads = max(1, cores() // max(process_counts))
+        shapes = [(processes, threads) for processes in process_counts]
+        if (1, cores()) not in shapes:
+            shapes.append((1, cores()))
+        for processes, threads_each in shapes:
+            results["runs"].append(timed(pairs[: processes * pairs_each], processes, threads_each, classifier, root,
+                                         frames))
+        first, first_threads = shapes[0]
+        per_pair = [pair_predictions_path(root / f"out-{first}x{first_threads}-{n % first}", k)
+                    for n, (k, _, _) in enumerate(pairs[: first * pairs_each])]
         started = time.perf_counter()
         written = assemble_predictions(per_pair, root / "assembled")
         seconds = time.perf_counter() - started

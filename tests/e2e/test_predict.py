@@ -8,6 +8,7 @@ fails the test instead of blocking CI.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import signal
 import subprocess
@@ -125,7 +126,8 @@ def reference(env: dict[str, str], reads: Path, tmp_path_factory: pytest.TempPat
     assert run.stderr.count("mean nothing biologically") == 1
     assert "dnabert: per-worker throughput" in run.stderr and "esm: per-worker throughput" in run.stderr
     for stage in ("dnabert", "esm"):
-        assert (out / "work" / stage / "run_report.json").is_file()
+        report = json.loads((out / "work" / stage / "run_report.json").read_text())
+        assert report["precision"] == {"fp32": len(list((out / "work" / stage).glob("output_*.pt")))}
     assert not (out / "failed_files.txt").exists()
     return results(out)
 

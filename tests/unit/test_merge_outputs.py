@@ -189,6 +189,7 @@ def test_merging_the_per_chunk_maxima_in_rounds_gives_the_same_file(tmp_path, mo
     at_once = predict_logits(tmp_path / "once", pairs)
     monkeypatch.setattr(outputs, "MERGE_FAN_IN", 2)
     in_rounds = predict_logits(tmp_path / "rounds", pairs)
+    assert not list((tmp_path / "rounds").glob(".merge-*"))
     assert in_rounds.highestscore.read_bytes() == at_once.highestscore.read_bytes()
     assert in_rounds.results.read_bytes() == at_once.results.read_bytes()
 
@@ -265,6 +266,17 @@ def test_a_truncated_per_pair_file_is_refused_and_no_prediction_file_appears(tmp
     with pytest.raises(OutputError, match=r"pair_1\.tsv: .*truncated"):
         assemble_predictions([pair], tmp_path / "out")
     assert not written.results.exists()
+
+
+def test_a_damaged_per_chunk_row_leaves_neither_prediction_file(tmp_path):
+    written = predict_logits(tmp_path, [(["a_chunk_1F1", "b_chunk_1F2"], [[1.0, 0.0], [0.0, 1.0]])])
+    written.results.unlink()
+    written.highestscore.unlink()
+    pair = tmp_path / "pair_1.tsv"
+    pair.write_text(pair.read_text().replace("b_chunk_1\t", "b_chunk_1 "))
+    with pytest.raises(OutputError, match=r"pair_1\.tsv: a per-chunk row is damaged"):
+        assemble_predictions([pair], tmp_path / "out")
+    assert not written.results.exists() and not written.highestscore.exists()
 
 
 def test_tiny_models_run_end_to_end_from_fasta_to_both_prediction_files(tmp_path):

@@ -127,21 +127,20 @@ def assemble_predictions(pair_paths: Sequence[str | Path], output_dir: str | Pat
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     headers = [_read_header(Path(path)) for path in pair_paths]
-    results_path = output_dir / RESULTS_NAME
-    with atomic_write(results_path, "wb") as results:
+    results_path, highestscore_path = output_dir / RESULTS_NAME, output_dir / HIGHESTSCORE_NAME
+    chunks = 0
+    # Both files appear only once both are whole.
+    with atomic_write(results_path, "wb") as results, \
+            atomic_write(highestscore_path, "w", encoding="ascii", newline="\n") as highestscore:
         results.write(RESULTS_HEADER.encode("ascii"))
         for path, header in zip(pair_paths, headers, strict=True):
             with open(path, "rb") as source:
                 source.seek(header.rows_offset)
                 _copy(source, results, header.rows_bytes, Path(path))
-    highestscore_path = output_dir / HIGHESTSCORE_NAME
-    chunks = 0
-    with atomic_write(highestscore_path, "w", encoding="ascii", newline="\n") as highestscore, \
-            tempfile.TemporaryDirectory(prefix=".merge-", dir=output_dir) as scratch:
         highestscore.write(HIGHESTSCORE_HEADER)
-        sources = [(Path(path), header.chunks_offset, header.chunks) for path, header in zip(pair_paths, headers,
-                                                                                             strict=True)]
-        for chunk, max_score1, max_score2 in _merged_maxima(sources, Path(scratch)):
+        sources = [(Path(path), header.chunks_offset, header.chunks)
+                   for path, header in zip(pair_paths, headers, strict=True)]
+        for chunk, max_score1, max_score2 in _merged_maxima(sources):
             highestscore.write(f"{chunk}\t{float(max_score2) >= float(max_score1)}\t{max_score1}\t{max_score2}\n")
             chunks += 1
     return PredictionOutputs(results_path, highestscore_path, sum(h.frames for h in headers), chunks)
@@ -213,24 +212,29 @@ def _combined(rows: Iterable[ChunkRow]) -> Iterator[ChunkRow]:
         yield current[0], current[1], current[2]
 
 
-def _merged_maxima(sources: list[tuple[Path, int, int]], scratch: Path) -> Iterator[ChunkRow]:
+def _merged_maxima(sources: list[tuple[Path, int, int]]) -> Iterator[ChunkRow]:
     """The per-chunk maxima of every source, merged in sorted order; rounds of MERGE_FAN_IN files at a time.
 
     heapq.merge keeps equal chunks in the order of their sources (k), so
-    maxima are combined in the order the frames come in.
+    maxima are combined in the order the frames come in. Rounds write their
+    merged maxima to a temporary directory beside the first source.
     """
-    level = 0
-    while len(sources) > MERGE_FAN_IN:
-        level += 1
-        rounds = []
-        for start in range(0, len(sources), MERGE_FAN_IN):
-            path = scratch / f"level-{level}-{start}.tsv"
-            count = 0
-            with open(path, "w", encoding="ascii", newline="\n") as handle:
-                for row in _combined(heapq.merge(*(_chunk_rows(*s) for s in sources[start:start + MERGE_FAN_IN]),
-                                                 key=itemgetter(0))):
-                    handle.write("\t".join(row) + "\n")
-                    count += 1
-            rounds.append((path, 0, count))
-        sources = rounds
-    yield from _combined(heapq.merge(*(_chunk_rows(*s) for s in sources), key=itemgetter(0)))
+    if len(sources) <= MERGE_FAN_IN:
+        yield from _combined(heapq.merge(*(_chunk_rows(*s) for s in sources), key=itemgetter(0)))
+        return
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=sources[0][0].parent) as scratch:
+        level = 0
+        while len(sources) > MERGE_FAN_IN:
+            level += 1
+            rounds = []
+            for start in range(0, len(sources), MERGE_FAN_IN):
+                path = Path(scratch) / f"level-{level}-{start}.tsv"
+                count = 0
+                with open(path, "w", encoding="ascii", newline="\n") as handle:
+                    group = sources[start:start + MERGE_FAN_IN]
+                    for row in _combined(heapq.merge(*(_chunk_rows(*s) for s in group), key=itemgetter(0))):
+                        handle.write("\t".join(row) + "\n")
+                        count += 1
+                rounds.append((path, 0, count))
+            sources = rounds
+        yield from _merged_maxima(sources)
