@@ -15,6 +15,7 @@ from virnucpro import __version__
 from virnucpro.backends.interface import PRECISIONS
 from virnucpro.stages import STAGES
 from virnucpro.weights.cli import weights
+from virnucpro.worker.config import INSTALL_MODELS, SETUP_ERROR_EXIT
 
 BROKER_HELP = f"Broker address [default: ${protocol.ADDRESS_ENV} or {protocol.DEFAULT_ADDRESS}]."
 PRECISION_DEFAULT = "[default: bf16 on a GPU that has it natively, fp32 elsewhere; the original tool runs fp32]"
@@ -32,14 +33,28 @@ def cli(verbose: bool) -> None:
     )
 
 
+class _WorkerSetupExit(click.ClickException):
+    """A worker that cannot start: a supervisor must not start it again as if it had crashed."""
+
+    exit_code = SETUP_ERROR_EXIT
+
+
+def _worker_gpus(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | str | None:
+    return "all" if value == "all" else _gpu_list(ctx, param, value)
+
+
 @cli.command()
 @click.option("--broker", "address", default=None, metavar="ADDR", help=BROKER_HELP)
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda:N", help="Device to run models on.")
+@click.option("--gpus", callback=_worker_gpus, default=None, metavar="all|0,1",
+              help="Run one worker per GPU (all visible ones, or these), restart one that crashes, "
+                   "and stop them all on Ctrl-C or SIGTERM.")
 @click.option("--gpu-name", default=None, metavar="NAME",
               help="Device name for the weight lookup [default: what torch reports for --device].")
 @click.option("--synthetic-speed", type=click.FloatRange(min=0, min_open=True), default=None, metavar="R",
               help="Be a synthetic device serving the `synthetic` stage at R residues/s (no model, no torch).")
-@click.option("--name", default=None, help="Name in logs and status [default: host:device].")
+@click.option("--name", default=None, help="Name in logs and status [default: host:device; with --gpus, "
+                                           "each worker is NAME:cuda:N, NAME defaulting to host].")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(["dnabert", "esm"]),
               help="Stages to serve (repeatable) [default: both].")
 @click.option("--models", type=click.Choice(["virnucpro", "tiny"]), default="virnucpro", show_default=True,
@@ -50,18 +65,35 @@ def cli(verbose: bool) -> None:
               help=f"Precision of the models' forward pass {PRECISION_DEFAULT}.")
 @click.option("--broker-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="Seconds of broker silence before reconnecting.")
-def worker(address: str | None, device: str, gpu_name: str | None, synthetic_speed: float | None, name: str | None,
-           stages: tuple[str, ...], models: str, dnabert_model: str | None, esm_model: str | None,
-           precision: str | None, broker_timeout: float) -> None:
+@click.pass_context
+def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int, ...] | str | None,
+           gpu_name: str | None, synthetic_speed: float | None, name: str | None, stages: tuple[str, ...],
+           models: str, dnabert_model: str | None, esm_model: str | None, precision: str | None,
+           broker_timeout: float) -> None:
     """Run one worker: register with the broker and embed the files it is given.
 
-    Start one per GPU. Models are loaded once, before registering, and kept
-    across files and jobs. Ctrl-C or SIGTERM leaves cleanly: the broker hands
-    the worker's files to the others at once.
+    Start one per GPU, or one command per node with --gpus all. Models are
+    loaded once, before registering, and kept across files and jobs. Ctrl-C
+    or SIGTERM leaves cleanly: the broker hands the worker's files to the
+    others at once. Exit status 78: the worker could not start (a model, a
+    package or a key to fix); it is not worth starting again as it is.
     """
     from broker.security import SecurityError
     from virnucpro.worker.config import WorkerConfig, WorkerSetupError, open_backends
     from virnucpro.worker.process import Worker
+
+    if gpus is not None:
+        if ctx.get_parameter_source("device") is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError("give either --gpus (one worker per GPU) or --device (one worker), not both")
+        forwarded = ["--broker", broker_address(address), "--models", models, "--broker-timeout", str(broker_timeout)]
+        for option, value in (("--gpu-name", gpu_name), ("--synthetic-speed", synthetic_speed),
+                              ("--dnabert-model", dnabert_model), ("--esm-model", esm_model),
+                              ("--precision", precision)):
+            if value is not None:
+                forwarded += [option, str(value)]
+        for stage in stages:
+            forwarded += ["--stage", stage]
+        sys.exit(_supervise(gpus if isinstance(gpus, tuple) else None, name, forwarded, ctx.find_root().params["verbose"]))
 
     config = WorkerConfig(
         broker=broker_address(address), device=device, name=name, gpu_name=gpu_name,
@@ -72,13 +104,46 @@ def worker(address: str | None, device: str, gpu_name: str | None, synthetic_spe
         backends = open_backends(config)
         process = Worker(config, backends)
     except WorkerSetupError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _WorkerSetupExit(str(exc)) from None
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: process.stop())
     try:
         process.run()
     except SecurityError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _WorkerSetupExit(str(exc)) from None
+
+
+def _supervise(requested: tuple[int, ...] | None, prefix: str | None, forwarded: list[str], verbose: bool) -> int:
+    """`worker --gpus`: one `virnucpro worker` per GPU, under a supervisor, until Ctrl-C or SIGTERM."""
+    import os
+    import socket
+
+    from virnucpro.processes import command
+    from virnucpro.worker.gpus import GpuDiscoveryError, choose_gpus, stand_in_count
+    from virnucpro.worker.supervisor import Supervisor, cpu_threads_each
+
+    try:
+        gpus = choose_gpus(requested)
+    except GpuDiscoveryError as exc:
+        raise _WorkerSetupExit(str(exc)) from None
+    on_cpu = stand_in_count() is not None
+    prefix = prefix or socket.gethostname()
+    env = dict(os.environ)
+    if on_cpu:
+        threads = str(cpu_threads_each(len(gpus)))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    def name_for(gpu: int) -> str:
+        return f"{prefix}:cuda:{gpu}"
+
+    def argv_for(gpu: int) -> list[str]:
+        return [*command("virnucpro"), *(["-v"] if verbose else []), "worker", *forwarded,
+                "--device", "cpu" if on_cpu else f"cuda:{gpu}", "--name", name_for(gpu)]
+
+    supervisor = Supervisor(gpus, name_for, argv_for, env)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: supervisor.stop())
+    return supervisor.run()
 
 
 @cli.command()
@@ -185,8 +250,14 @@ def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_pat
     and the predictions cover the rest); 1 error; 130 interrupted. After an
     interruption or a failure, rerun the same command with --resume.
     """
-    from virnucpro.client.predict import PredictOptions
-    from virnucpro.client.predict import predict as run_predict
+    try:
+        from virnucpro.client.predict import PredictOptions
+        from virnucpro.client.predict import predict as run_predict
+    except ImportError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "torch":
+            raise
+        raise click.ClickException(f"predict merges and classifies with torch, which is not installed here; "
+                                   f"install the models extra: {INSTALL_MODELS}") from None
 
     sys.exit(run_predict(PredictOptions(
         input_fasta=input_fasta, output_dir=output_dir, expected_length=expected_length, model_path=model_path,

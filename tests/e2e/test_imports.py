@@ -11,7 +11,8 @@ TORCH_FREE = [
     "virnucpro.cli", "virnucpro.worker.process", "virnucpro.worker.config", "virnucpro.backends.synthetic",
     "virnucpro.client.embed", "virnucpro.client.local", "virnucpro.stages",
     "virnucpro.pipeline.sequences", "virnucpro.pipeline.fasta", "virnucpro.weights.logs", "virnucpro.weights.refine",
-    "virnucpro.weights.cli", "virnucpro.pipeline.gpu_weights",
+    "virnucpro.weights.cli", "virnucpro.pipeline.gpu_weights", "virnucpro.processes", "virnucpro.worker.gpus",
+    "virnucpro.worker.supervisor",
 ]
 
 

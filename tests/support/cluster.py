@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from virnucpro.client.local import LocalCluster, command, free_loopback_address
+from virnucpro.client.local import LocalCluster, free_loopback_address
+from virnucpro.processes import command
 
 VIRNUCPRO = command("virnucpro")[0]
 BROKER = command("virnucpro-broker")[0]

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from broker.client import BrokerClient
 from broker.security import SECRET_ENV, SERVER_KEY_ENV
+from virnucpro.processes import command, spawn, stop
 
 STOP_GRACE = 10.0  # a worker finishes its current batch before it leaves
 LISTEN_TIMEOUT = 30.0
@@ -27,38 +24,6 @@ def free_loopback_address() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
-def command(name: str) -> list[str]:
-    """How to run a console script of this install: the one beside this interpreter, else `python -m`."""
-    script = Path(sys.executable).parent / name
-    if script.exists():
-        return [str(script)]
-    module = "broker.cli" if name == "virnucpro-broker" else "virnucpro.cli"
-    return [sys.executable, "-m", module]
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that has Linux SIGTERM the child when this process dies, even by SIGKILL.
-
-    Children run in their own session, so a Ctrl-C reaches only this process,
-    which then stops them in order; this covers the case where it cannot.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 @dataclass
@@ -99,9 +64,7 @@ class LocalCluster:
         log = self.log_dir / log_name
         child_env = {k: v for k, v in os.environ.items() if self.curve or k not in (SECRET_ENV, SERVER_KEY_ENV)}
         with open(log, "ab") as handle:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                       env={**child_env, **(env or {})}, start_new_session=True,
-                                       preexec_fn=_die_with_parent())
+            process = spawn(argv, handle, {**child_env, **(env or {})})
         return Child(name, process, log)
 
     def start_broker(self, *options: str, address: str | None = None) -> Child:
@@ -159,16 +122,7 @@ class LocalCluster:
     def close(self, grace: float = STOP_GRACE) -> None:
         """SIGTERM the workers (they leave the broker cleanly), then the broker; SIGKILL what outlives `grace`."""
         for group in (list(self.workers.values()), [self.broker] if self.broker else []):
-            for child in group:
-                if child.process.poll() is None:
-                    child.process.terminate()
-            deadline = time.monotonic() + grace
-            for child in group:
-                try:
-                    child.process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.process.kill()
-                    child.process.wait()
+            stop((child.process for child in group), grace)
 
     def __enter__(self) -> LocalCluster:
         return self

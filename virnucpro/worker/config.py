@@ -7,6 +7,11 @@ from typing import Any
 
 from virnucpro.backends.interface import Backend
 
+# `virnucpro worker` exits with this (sysexits' EX_CONFIG) when it cannot start, so that whoever
+# restarts workers (virnucpro.worker.supervisor) knows that starting it again would fail the same way.
+SETUP_ERROR_EXIT = 78
+INSTALL_MODELS = "pip install 'virnucpro[models]'"
+
 
 class WorkerSetupError(RuntimeError):
     """The worker cannot start (a model that does not load, a bad device); says what to fix."""
@@ -67,5 +72,4 @@ def open_backends(config: WorkerConfig) -> dict[str, Backend]:
 
 
 def _missing_extra(exc: ImportError) -> str:
-    return (f"the model stages need {exc.name or 'a package'} ({exc}); install the models extra: "
-            "pip install 'virnucpro[models]'")
+    return f"the model stages need {exc.name or 'a package'} ({exc}); install the models extra: {INSTALL_MODELS}"
