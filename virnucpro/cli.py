@@ -80,7 +80,9 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
     """
     from broker.security import SecurityError
     from virnucpro.worker.config import WorkerConfig, WorkerSetupError, open_backends
+    from virnucpro.worker.gpus import GpuDiscoveryError
     from virnucpro.worker.process import Worker
+    from virnucpro.worker.supervisor import supervise_gpus
 
     if gpus is not None:
         if ctx.get_parameter_source("device") is not click.core.ParameterSource.DEFAULT:
@@ -93,7 +95,11 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
                 forwarded += [option, str(value)]
         for stage in stages:
             forwarded += ["--stage", stage]
-        sys.exit(_supervise(gpus if isinstance(gpus, tuple) else None, name, forwarded, ctx.find_root().params["verbose"]))
+        try:
+            sys.exit(supervise_gpus(gpus if isinstance(gpus, tuple) else None, name, forwarded,
+                                    ctx.find_root().params["verbose"]))
+        except GpuDiscoveryError as exc:
+            raise _WorkerSetupExit(str(exc)) from None
 
     config = WorkerConfig(
         broker=broker_address(address), device=device, name=name, gpu_name=gpu_name,
@@ -111,39 +117,6 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
         process.run()
     except SecurityError as exc:
         raise _WorkerSetupExit(str(exc)) from None
-
-
-def _supervise(requested: tuple[int, ...] | None, prefix: str | None, forwarded: list[str], verbose: bool) -> int:
-    """`worker --gpus`: one `virnucpro worker` per GPU, under a supervisor, until Ctrl-C or SIGTERM."""
-    import os
-    import socket
-
-    from virnucpro.processes import command
-    from virnucpro.worker.gpus import GpuDiscoveryError, choose_gpus, stand_in_count
-    from virnucpro.worker.supervisor import Supervisor, cpu_threads_each
-
-    try:
-        gpus = choose_gpus(requested)
-    except GpuDiscoveryError as exc:
-        raise _WorkerSetupExit(str(exc)) from None
-    on_cpu = stand_in_count() is not None
-    prefix = prefix or socket.gethostname()
-    env = dict(os.environ)
-    if on_cpu:
-        threads = str(cpu_threads_each(len(gpus)))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-
-    def name_for(gpu: int) -> str:
-        return f"{prefix}:cuda:{gpu}"
-
-    def argv_for(gpu: int) -> list[str]:
-        return [*command("virnucpro"), *(["-v"] if verbose else []), "worker", *forwarded,
-                "--device", "cpu" if on_cpu else f"cuda:{gpu}", "--name", name_for(gpu)]
-
-    supervisor = Supervisor(gpus, name_for, argv_for, env)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: supervisor.stop())
-    return supervisor.run()
 
 
 @cli.command()

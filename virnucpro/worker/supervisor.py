@@ -1,6 +1,6 @@
 """One worker process per GPU of a node: started together, restarted with back-off after a crash, stopped together.
 
-`virnucpro worker --gpus all` runs this. The decisions (when to start,
+`virnucpro worker --gpus all` runs this (`supervise_gpus`). The decisions (when to start,
 restart or give up on a GPU's worker) are a small pure core, `Supervision`,
 fed exits and the time; `Supervisor` is the shell that owns the processes
 and relays their output, each line prefixed with the worker's name.
@@ -19,6 +19,8 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ from typing import IO
 
 from virnucpro import processes
 from virnucpro.worker.config import SETUP_ERROR_EXIT
+from virnucpro.worker.gpus import choose_gpus, stand_in_count
 
 logger = logging.getLogger("virnucpro.supervisor")
 
@@ -197,7 +200,31 @@ class Supervisor:
                    f"; its last lines:\n{tail}" if tail else "")
 
 
-def cpu_threads_each(workers: int) -> int:
-    """A fair share of this process's cores for each of `workers` CPU workers."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // workers)
+def supervise_gpus(requested: tuple[int, ...] | None, name: str | None, worker_options: list[str],
+                   verbose: bool) -> int:
+    """`virnucpro worker --gpus`: a `virnucpro worker` per GPU until SIGINT or SIGTERM; the exit status.
+
+    `requested` None serves every visible GPU. Workers are named NAME:cuda:N
+    (NAME defaults to the host name) and get `worker_options` besides their
+    device. GpuDiscoveryError when the GPUs asked for are not there.
+    """
+    gpus = choose_gpus(requested)
+    on_cpu = stand_in_count() is not None
+    prefix = name or socket.gethostname()
+    env = dict(os.environ)
+    if on_cpu:  # torch sizes its thread pool from these: a fair share of the cores each
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = str(max(1, cores // len(gpus)))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    def name_for(gpu: int) -> str:
+        return f"{prefix}:cuda:{gpu}"
+
+    def argv_for(gpu: int) -> list[str]:
+        return [*processes.command("virnucpro"), *(["-v"] if verbose else []), "worker", *worker_options,
+                "--device", "cpu" if on_cpu else f"cuda:{gpu}", "--name", name_for(gpu)]
+
+    supervisor = Supervisor(gpus, name_for, argv_for, env)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: supervisor.stop())
+    return supervisor.run()
