@@ -2,7 +2,7 @@
 
 The package is installed from a copy of this checkout into a fresh virtual
 environment, with its core dependencies from the package index pip is
-configured with (25 to 30 s on the loaded 2-core CI machine, from its local index).
+configured with (25 to 45 s on the loaded 2-core CI machine, from its local index).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from virnucpro.client.local import free_loopback_address
 from virnucpro.processes import stop
 
 ROOT = Path(__file__).resolve().parents[2]
-INSTALL_TIMEOUT = 300  # a cold pip cache on a loaded machine; under 30 s when warm
+INSTALL_TIMEOUT = 300  # a cold pip cache on a loaded machine; under 45 s when warm
 HINT = "pip install 'virnucpro[models]'"
 
 
