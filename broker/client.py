@@ -43,13 +43,19 @@ class BrokerClient:
         self.curve = curve  # take CURVE keys from the environment, if set there
         self._context: zmq.Context = zmq.Context.instance()
         self._socket: zmq.Socket | None = None
+        self._encrypted = False
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the connection to the broker is encrypted (CURVE); a job's file transfers follow it."""
+        self._connect()
+        return self._encrypted
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
             self._socket = self._context.socket(zmq.DEALER)
             self._socket.setsockopt(zmq.LINGER, 0)
-            if self.curve:
-                secure_client(self._socket)
+            self._encrypted = secure_client(self._socket) if self.curve else False
             self._socket.connect(self.address)
         return self._socket
 

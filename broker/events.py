@@ -24,6 +24,23 @@ class FileSpec:
     residues: int
 
 
+def task_id(job: str, index: int) -> str:
+    """The id of the task that runs file `index` (its place in the submission, from 0) of `job`.
+
+    Part of the protocol: a worker names its task by this id to the client's
+    file server (virnucpro.transfer), which finds the file by its index.
+    """
+    return f"{job}:{index}"
+
+
+def task_index(task: str) -> int | None:
+    """The file index that a task id names, or None if `task` is not a task id."""
+    _, colon, index = task.rpartition(":")
+    if not colon or not index.isdigit() or not index.isascii() or len(index) > 9:
+        return None
+    return int(index)
+
+
 @dataclass(frozen=True)
 class WorkerJoined:
     worker: str

@@ -40,6 +40,13 @@ FILE_SPEC = fields.exact_map(
     {"path": fields.text, "output": fields.text, "sequences": fields.count, "residues": fields.count}
 )
 GAUGES = fields.optional(fields.map_of(fields.text, fields.number, most=16))
+# How a worker that cannot see the client's files reaches the client's file server (virnucpro.transfer):
+# its address, the job's token, its CURVE public key (when the broker connection is encrypted), and the
+# marker file by which a worker tells whether it sees the client's files (absent: always transfer).
+TRANSFER = fields.optional(fields.exact_map({
+    "address": fields.text, "token": fields.text, "server_key": fields.optional(fields.text),
+    "marker": fields.optional(fields.text), "marker_sha256": fields.optional(fields.text),
+}))
 
 # Field checks per message type; a field whose name ends in "?" may be absent.
 SCHEMAS: dict[str, dict[str, Check]] = {
@@ -54,14 +61,15 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "bye": {},
     # client -> broker
     "submit": {"stage": STAGE, "output_dir": fields.text, "files": fields.list_of(FILE_SPEC, most=MAX_FILES),
-               "weighted": fields.flag, "steal": fields.flag},
+               "weighted": fields.flag, "steal": fields.flag, "transfer?": TRANSFER},
     "job": {"job": fields.text},
     "cancel": {"job": fields.text},
     "status": {},
     # broker -> worker
     "registered": {"worker": fields.text, "name": fields.text, "weight": fields.positive,
                    "heartbeat_interval": fields.positive},
-    "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output": fields.text},
+    "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output": fields.text,
+               "transfer?": TRANSFER},
     "revoke": {"task": fields.text},
     "reregister": {},
     "ack": {},
@@ -79,26 +87,30 @@ def encode(kind: str, **values: Any) -> bytes:
     return msgpack.packb({"v": VERSION, "type": kind, **values}, use_bin_type=True)
 
 
-def decode(frame: bytes) -> dict[str, Any]:
-    """The validated message in a frame, or ProtocolError saying why it is dropped."""
+def decode(frame: bytes, schemas: dict[str, dict[str, Check]] = SCHEMAS) -> dict[str, Any]:
+    """The validated message in a frame, or ProtocolError saying why it is dropped.
+
+    `schemas`: the message types the receiver accepts (another channel, such as
+    virnucpro.transfer's, has its own).
+    """
     if len(frame) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"oversized message ({len(frame)} bytes > {MAX_MESSAGE_BYTES})")
     try:
         message = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError(f"undecodable message ({type(exc).__name__})") from None
-    validate(message)
+    validate(message, schemas)
     return message
 
 
-def validate(message: Any) -> None:
+def validate(message: Any, schemas: dict[str, dict[str, Check]] = SCHEMAS) -> None:
     """Raise ProtocolError unless `message` is a known, well-formed message of this version."""
     if not isinstance(message, dict):
         raise ProtocolError("message is not a map")
     if message.get("v") != VERSION:
         raise ProtocolError(f"unknown protocol version {message.get('v')!r}")
     kind = message.get("type")
-    schema = SCHEMAS.get(kind) if isinstance(kind, str) else None
+    schema = schemas.get(kind) if isinstance(kind, str) else None
     if schema is None:
         raise ProtocolError(f"unknown message type {kind!r}")
     allowed = {"v", "type"} | {name.rstrip("?") for name in schema}

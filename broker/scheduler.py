@@ -43,6 +43,7 @@ from broker.events import (
     WorkerJoined,
     WorkerLeft,
     WorkRequested,
+    task_id,
 )
 from broker.records import TaskDone, WorkerSummary
 from broker.reports import job_report, status_snapshot
@@ -475,7 +476,7 @@ class Scheduler:
         )
         self.jobs[job.id] = job
         for index, spec in enumerate(event.files):
-            task = Task(id=f"{job.id}:{index}", job=job, index=index, spec=spec)
+            task = Task(id=task_id(job.id, index), job=job, index=index, spec=spec)
             job.tasks.append(task)
             self.tasks[task.id] = task
         self._distribute(job.tasks, event.now, weights_from="table" if job.weighted else "equal")

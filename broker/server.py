@@ -98,6 +98,8 @@ class BrokerServer:
         self.wall_clock = wall_clock  # Unix seconds, read only to stamp times people read
         self.started = time.monotonic()
         self.reports: dict[str, dict[str, Any]] = {}
+        # Per open job, how its workers reach the client's file server; passed on, never used here.
+        self.transfers: dict[str, dict[str, Any]] = {}
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -198,6 +200,8 @@ class BrokerServer:
         instructions = self.scheduler.handle(
             JobSubmitted(job, m["stage"], m["output_dir"], files, m["weighted"], m["steal"], time.monotonic())
         )
+        if m.get("transfer") is not None:
+            self.transfers[job] = m["transfer"]
         self._send(identity, "submitted", job=job)
         self._perform(instructions)
 
@@ -244,8 +248,10 @@ class BrokerServer:
         offset = self._unix_offset()  # one for the batch: the records of one event keep one time
         for instruction in instructions:
             if isinstance(instruction, Assign):
+                transfer = self.transfers.get(instruction.job)
                 self._send(bytes.fromhex(instruction.worker), "assign", task=instruction.task, job=instruction.job,
-                           stage=instruction.stage, path=instruction.path, output=instruction.output)
+                           stage=instruction.stage, path=instruction.path, output=instruction.output,
+                           **({"transfer": transfer} if transfer is not None else {}))
             elif isinstance(instruction, Revoke):
                 self._send(bytes.fromhex(instruction.worker), "revoke", task=instruction.task)
             elif isinstance(instruction, Reregister):
@@ -259,6 +265,7 @@ class BrokerServer:
                 }
                 for forgotten in [job for job in self.reports if job not in self.scheduler.jobs]:
                     del self.reports[forgotten]
+                self.transfers.pop(instruction.job, None)
                 self.log.sync()
                 report = instruction.report
                 logger.info("job %s %s: %d done, %d failed, %d steals, makespan %.1f s",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,6 +21,20 @@ from virnucpro.worker.config import INSTALL_MODELS, SETUP_ERROR_EXIT
 
 BROKER_HELP = f"Broker address [default: ${protocol.ADDRESS_ENV} or {protocol.DEFAULT_ADDRESS}]."
 PRECISION_DEFAULT = "[default: bf16 on a GPU that has it natively, fp32 elsewhere; the original tool runs fp32]"
+TRANSFER_OPTIONS = (
+    click.option("--transfer", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+                 help="Send files over the connection to workers that cannot see this machine's files (auto), "
+                      "to every worker (always), or to none: a shared file system (never)."),
+    click.option("--transfer-address", default=None, metavar="HOST[:PORT]",
+                 help="Where workers reach this machine for transfers [default: the local address that reaches "
+                      "the broker, on a free port]."),
+)
+
+
+def transfer_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(TRANSFER_OPTIONS):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -130,9 +146,10 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
               help="Wait for this many workers serving the stage before seeding.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
               help="Seconds to wait for the broker and for --min-workers before giving up.")
+@transfer_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, steal: bool, min_workers: int,
-          timeout: float, files: tuple[Path, ...]) -> None:
+          timeout: float, transfer: str, transfer_address: str | None, files: tuple[Path, ...]) -> None:
     """Submit FILES as one job of STAGE to the broker and wait for it.
 
     Exit status: 0 all files done, 2 some failed (listed with reasons), 1 the
@@ -141,7 +158,7 @@ def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, ste
     from virnucpro.client.embed import embed as run_embed
 
     sys.exit(run_embed(broker_address(address), stage, files, output_dir, weighted=weighted, steal=steal,
-                       min_workers=min_workers, timeout=timeout))
+                       min_workers=min_workers, timeout=timeout, transfer=transfer, transfer_address=transfer_address))
 
 
 class _UsageErrorExit1(click.UsageError):
@@ -209,12 +226,13 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help=f"Precision of the models' forward pass on the workers started here {PRECISION_DEFAULT}.")
 @click.option("--keep-features", is_flag=True,
               help="Also keep the merged features of each file pair (OUT/work/merged/output_k_merged.pt).")
+@transfer_options
 def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_path: Path | None, models: str,
             dnabert_model: str | None, esm_model: str | None, weighted: bool, steal: bool, address: str | None,
             gpus: tuple[int, ...] | None, workers: int | None, gpu_weights: Path | None,
             throughput_log: Path | None, worker_timeout: float | None, sequences_per_file: int | None,
             resume: bool, timeout: float, rename_duplicates: bool, precision: str | None,
-            keep_features: bool) -> None:
+            keep_features: bool, transfer: str, transfer_address: str | None) -> None:
     """Predict which reads of INPUT.fasta are viral: split, embed through the broker, merge, classify.
 
     INPUT.fasta is FASTA or FASTQ (qualities are ignored), plain or gzipped.
@@ -238,6 +256,7 @@ def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_pat
         broker=address, gpus=gpus, workers=workers, gpu_weights=gpu_weights, throughput_log=throughput_log,
         worker_timeout=worker_timeout, sequences_per_file=sequences_per_file, resume=resume, timeout=timeout,
         rename_duplicates=rename_duplicates, precision=precision, keep_features=keep_features,
+        transfer=transfer, transfer_address=transfer_address,
     )))
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from broker.security import SecurityError
 from virnucpro.atomic import write_text_atomically
 from virnucpro.pipeline.fasta import FastaError, fasta_stats
 from virnucpro.stages import is_complete, output_path
+from virnucpro.transfer.fileserver import TransferSetupError, start_file_server
 
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2
 POLL_SECONDS = 0.25
@@ -93,24 +95,39 @@ def run_job(
     steal: bool,
     console: Console,
     label: str | None = None,
+    transfer: str = "auto",
+    transfer_address: str | None = None,
 ) -> dict[str, Any]:
     """Submit the plan, show progress until it ends, and return the broker's report.
 
     If the broker restarts mid-job (it forgets the job), what is still
-    missing on disk is submitted again.
+    missing on disk is submitted again. Unless `transfer` is "never", a file
+    server runs meanwhile for workers that cannot see this machine's files
+    (virnucpro.transfer).
     """
-    todo = plan.todo
-    for _ in range(MAX_RESUBMITS):
-        job = client.request("submit", stage=plan.stage, output_dir=str(plan.output_dir), files=todo,
-                             weighted=weighted, steal=steal)["job"]
-        try:
-            return _follow(client, job, sum(f["residues"] for f in todo), console, label or plan.stage)
-        except BrokerError as exc:
-            if exc.code is not ErrorCode.UNKNOWN_JOB:
-                raise
-            console.print(f"[yellow]the broker lost job {job} (restarted?); submitting what is not done yet[/yellow]")
-            todo = [f for f in todo if not is_complete(f["output"])]
-            client.wait_until_up(client.timeout * 6)
+    try:
+        files = start_file_server(client.address, client.encrypted, plan.output_dir, transfer, transfer_address)
+    except TransferSetupError as exc:
+        raise EmbedError(str(exc)) from None
+    with files if files is not None else nullcontext():
+        todo = plan.todo
+        for _ in range(MAX_RESUBMITS):
+            offer: dict[str, Any] = {"transfer": files.offer(todo)} if files is not None else {}
+            job = client.request("submit", stage=plan.stage, output_dir=str(plan.output_dir), files=todo,
+                                 weighted=weighted, steal=steal, **offer)["job"]
+            try:
+                report = _follow(client, job, sum(f["residues"] for f in todo), console, label or plan.stage)
+            except BrokerError as exc:
+                if exc.code is not ErrorCode.UNKNOWN_JOB:
+                    raise
+                console.print(f"[yellow]the broker lost job {job} (restarted?); submitting what is not done yet"
+                              "[/yellow]")
+                todo = [f for f in todo if not is_complete(f["output"])]
+                client.wait_until_up(client.timeout * 6)
+                continue
+            if files is not None and files.summary():
+                console.print(files.summary(), markup=False)
+            return report
     raise EmbedError(f"the broker at {client.address} lost the job {MAX_RESUBMITS} times; giving up")
 
 
@@ -199,6 +216,8 @@ def embed(
     steal: bool = False,
     min_workers: int = 1,
     timeout: float = 600.0,
+    transfer: str = "auto",
+    transfer_address: str | None = None,
     console: Console | None = None,
 ) -> int:
     """The `virnucpro embed` command; returns its exit code."""
@@ -216,7 +235,8 @@ def embed(
         try:
             with BrokerClient(address) as client:
                 wait_for_workers(client, stage, min_workers, timeout, console)
-                report = run_job(client, plan, weighted=weighted, steal=steal, console=console)
+                report = run_job(client, plan, weighted=weighted, steal=steal, console=console, transfer=transfer,
+                                 transfer_address=transfer_address)
         except (BrokerUnreachable, BrokerError, EmbedError, SecurityError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             return EXIT_ERROR

@@ -38,6 +38,8 @@ class PredictOptions:
     rename_duplicates: bool = False
     precision: str | None = None  # None: bf16 where the GPU has it natively, fp32 elsewhere
     keep_features: bool = False
+    transfer: str = "auto"
+    transfer_address: str | None = None
 
 
 def check_options(options: PredictOptions) -> None:

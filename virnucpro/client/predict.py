@@ -78,7 +78,7 @@ def embed_stages(client: BrokerClient, plans: Sequence[Plan], options: PredictOp
             continue
         wait_for_workers(client, plan.stage, 1, options.timeout, console)
         report = run_job(client, plan, weighted=options.weighted, steal=options.steal, console=console,
-                         label=plan.stage)
+                         label=plan.stage, transfer=options.transfer, transfer_address=options.transfer_address)
         console.print(worker_table(report, f"{plan.stage}: per-worker throughput (predicted vs observed weight)"))
         console.print(summary_line(report))
         write_report(plan, report, client.address)

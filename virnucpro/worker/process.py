@@ -29,6 +29,7 @@ from broker.protocol import ProtocolError
 from broker.security import secure_client
 from virnucpro.backends.interface import Backend, Cancelled
 from virnucpro.stages import is_complete
+from virnucpro.transfer.remote import run_remote, sees_client_files
 from virnucpro.worker.config import WorkerConfig, WorkerSetupError, device_name
 from virnucpro.worker.gauges import nvml_gauges_for
 from virnucpro.worker.publish import publish
@@ -178,13 +179,16 @@ class Worker:
 
     def _execute(self, assignment: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
         """Run one file (on the task thread); the result's fields are those of a `done` message."""
+        backend = self.backends.get(assignment["stage"])
+        if backend is None:
+            raise WorkerSetupError(f"this worker does not serve the {assignment['stage']} stage")
+        transfer = assignment.get("transfer")
+        if transfer is not None and not sees_client_files(transfer):
+            return run_remote(assignment, backend, cancel.is_set)
         output = Path(assignment["output"])
         if is_complete(output):
             logger.info("%s: output already complete, skipped", output)
             return {"seconds": 0.0, "sequences": 0, "residues": 0, "skipped": True}
-        backend = self.backends.get(assignment["stage"])
-        if backend is None:
-            raise WorkerSetupError(f"this worker does not serve the {assignment['stage']} stage")
         output.parent.mkdir(parents=True, exist_ok=True)
         temporary = output.with_name(f".{output.name}.{self.identity.hex()[:8]}.tmp")
         started = time.monotonic()

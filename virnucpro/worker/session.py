@@ -120,7 +120,7 @@ class SendHeartbeat:
 
 @dataclass(frozen=True)
 class StartTask:
-    """Run the file of an `assign` message (its fields task, job, stage, path, output) on the task thread."""
+    """Run the file of an `assign` message (its fields task, job, stage, path, output, transfer?) on the task thread."""
 
     assignment: dict[str, Any]
 
@@ -265,7 +265,8 @@ class WorkerSession:
         if kind == "assign":
             if self.running is not None:
                 return [Log(logging.WARNING, f"broker sent {message['task']} while {self.task} runs; ignored")]
-            self.running = {k: message[k] for k in ("task", "job", "stage", "path", "output")}
+            # "transfer", when present, says how to fetch the input and return the output (virnucpro.transfer).
+            self.running = {k: message[k] for k in ("task", "job", "stage", "path", "output", "transfer") if k in message}
             return [StartTask(dict(self.running))]
         if kind == "revoke":
             if message["task"] != self.task:
