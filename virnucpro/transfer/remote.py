@@ -213,10 +213,11 @@ def run_remote(assignment: dict[str, Any], backend: Backend, should_stop: Callab
             if not is_complete(local_output):
                 raise TransferError(f"{output_name}: the {assignment['stage']} stage wrote no complete output")
             published = store(channel, token, task, local_output, should_stop)
-            logger.info("%s -> %s: %d sequences in %.2f s; over %s: input %.1f MB in %.2f s, output %.1f MB in "
+            logger.info("%s -> %s: %d sequences in %.2f s; over %s%s: input %.1f MB in %.2f s, output %.1f MB in "
                         "%.2f s%s", assignment["path"], output_name, sequences, ran - fetched, channel.address,
-                        local_input.stat().st_size / 1e6, fetched - started, local_output.stat().st_size / 1e6,
-                        time.monotonic() - ran, "" if published else " (another copy was published first)")
+                        " (CURVE)" if channel.server_key else "", local_input.stat().st_size / 1e6, fetched - started,
+                        local_output.stat().st_size / 1e6, time.monotonic() - ran,
+                        "" if published else " (another copy was published first)")
     finally:
         channel.close()
     return {"seconds": ran - fetched, "sequences": sequences, "residues": residues, "skipped": False}
