@@ -38,7 +38,7 @@ test-fast: install
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info .pytest_cache
 
-# The README's benchmark figures (about 4 minutes on 2 cores).
+# The README's benchmark figures (about 5 minutes on 2 cores; bench_transfer writes 3 GB to $TMPDIR).
 bench: install
 	mkdir -p bench-results
 	$(PY) tools/bench_correction.py --json bench-results/correction.json --throughput-log bench-results/correction.jsonl
@@ -47,3 +47,4 @@ bench: install
 	$(PY) tools/bench_reliability.py --json bench-results/reliability.json
 	$(PY) tools/bench_refine_loop.py --json bench-results/refine_loop.json
 	$(PY) tools/bench_pipeline.py --pairs 3 --processes 1,2 --json bench-results/pipeline.json
+	$(PY) tools/bench_transfer.py --json bench-results/transfer.json

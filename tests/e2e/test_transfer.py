@@ -23,7 +23,7 @@ from tests.support.cluster import cluster
 from tests.support.fasta import write_fasta
 from virnucpro.client.local import Child, LocalCluster, command
 from virnucpro.stages import output_path
-from virnucpro.transfer.fileserver import UPLOAD_PREFIX, FileServer
+from virnucpro.transfer.fileserver import MARKER_PREFIX, UPLOAD_PREFIX, FileServer
 from virnucpro.transfer.remote import Channel, TransferError, fetch, store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,6 +260,21 @@ def test_the_file_server_serves_only_with_the_token_and_publishes_verified_outpu
     finally:
         server.close()
     assert sorted(p.name for p in out.iterdir()) == [final.name]  # marker and upload directory gone
+
+
+def test_a_new_file_server_sweeps_what_dead_ones_left_and_spares_live_ones(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / f"{UPLOAD_PREFIX}dead").mkdir(parents=True)
+    (out / f"{UPLOAD_PREFIX}dead" / "3-a_ESM.pt").write_bytes(b"partial")
+    (out / f"{MARKER_PREFIX}dead").write_bytes(b"x" * 32)
+    (out / "a_ESM.pt").write_bytes(b"an output")
+    with FileServer(out, "tcp://127.0.0.1:*", encrypt=False, marker=True).start() as live:
+        assert live.marker is not None and not (out / f"{UPLOAD_PREFIX}dead").exists()
+        assert not (out / f"{MARKER_PREFIX}dead").exists()
+        with FileServer(out, "tcp://127.0.0.1:*", encrypt=False, marker=True).start():
+            assert live.upload_dir.is_dir() and live.marker.exists()
+        assert sorted(p.name for p in out.iterdir()) == sorted(["a_ESM.pt", live.upload_dir.name, live.marker.name])
+    assert [p.name for p in out.iterdir()] == ["a_ESM.pt"]
 
 
 def test_transfers_are_encrypted_when_the_broker_connection_is(tmp_path: Path, client_dir: Path,

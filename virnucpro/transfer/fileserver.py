@@ -13,6 +13,7 @@ exactly once (virnucpro.worker.publish).
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -49,6 +50,7 @@ logger = logging.getLogger("virnucpro.transfer")
 MODES = ("auto", "always", "never")
 MARKER_PREFIX = ".virnucpro-marker-"
 UPLOAD_PREFIX = ".virnucpro-uploads-"
+MAKING_PREFIX = ".virnucpro-making-"  # an upload directory before it is locked
 # Messages queued per worker either way: a worker that asks for more than its credit gets nothing more in memory.
 QUEUE = 4 * CREDIT
 POLL_MS = 100
@@ -106,6 +108,21 @@ class FileServer:
     def __init__(self, output_dir: Path, bind: str, encrypt: bool, marker: bool) -> None:
         """`encrypt`: CURVE with a key pair made for this job; `marker`: leave the marker (--transfer auto)."""
         self.output_dir = output_dir
+        name = secrets.token_hex(8)
+        self.upload_dir = output_dir / f"{UPLOAD_PREFIX}{name}"
+        self.marker: Path | None = output_dir / f"{MARKER_PREFIX}{name}" if marker else None
+        self.marker_sha256: str | None = None
+        try:
+            sweep(output_dir)
+            self._held = self._make_upload_dir(name)
+            if self.marker is not None:
+                content = secrets.token_bytes(wire.MARKER_BYTES)
+                self.marker.write_bytes(content)
+                self.marker_sha256 = wire.marker_digest(content)
+        except OSError as exc:
+            shutil.rmtree(self.upload_dir, ignore_errors=True)
+            raise TransferSetupError(f"{output_dir}: cannot prepare it for file transfers ({exc.strerror}); make it "
+                                     "writable, or pass --transfer never") from None
         self._context = zmq.Context()  # its own, so that no ZAP handler of another socket applies here
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -126,18 +143,10 @@ class FileServer:
         except zmq.ZMQError as exc:
             self._socket.close(0)
             self._context.term()
+            self._remove_files()
             raise TransferSetupError(f"cannot listen on {bind} for workers' file transfers ({exc}); give "
                                      "--transfer-address HOST[:PORT] of this machine, or --transfer never") from None
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.upload_dir = output_dir / f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
-        self.upload_dir.mkdir(mode=0o700)
-        self.marker: Path | None = None
-        self.marker_sha256: str | None = None
-        if marker:
-            content = secrets.token_bytes(wire.MARKER_BYTES)
-            self.marker = output_dir / f"{MARKER_PREFIX}{secrets.token_hex(8)}"
-            self.marker.write_bytes(content)
-            self.marker_sha256 = wire.marker_digest(content)
         self.core = FileServerCore(str(self.upload_dir))
         self.sent_bytes = self.stored_files = self.stored_bytes = self.dropped = 0
         self._sent: set[str] = set()  # inputs whose last chunk went out
@@ -182,11 +191,31 @@ class FileServer:
         for fd in self._upload_fds.values():
             os.close(fd)
         self._upload_fds.clear()
+        self._remove_files()
+        self._socket.close(0)
+        self._context.term()
+
+    def _make_upload_dir(self, name: str) -> int:
+        """Create the private upload directory, locked before it takes the name a sweep looks for; the lock's fd.
+
+        The lock is held until close, so another client's sweep leaves the
+        directory alone while this file server lives.
+        """
+        making = self.output_dir / f"{MAKING_PREFIX}{name}"
+        making.mkdir(mode=0o700)
+        held = os.open(making, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # a file system without locks: only a concurrent client's sweep could take it
+        making.rename(self.upload_dir)
+        return held
+
+    def _remove_files(self) -> None:
         shutil.rmtree(self.upload_dir, ignore_errors=True)
         if self.marker is not None:
             self.marker.unlink(missing_ok=True)
-        self._socket.close(0)
-        self._context.term()
+        os.close(self._held)
 
     # ------------------------------------------------------------- loop
 
@@ -327,6 +356,34 @@ class FileServer:
 
     def _refuse(self, peer: bytes, task: str, code: Refusal, reason: str) -> None:
         self._send(peer, "refused", task=task, code=code.value, reason=reason)
+
+
+def sweep(output_dir: Path) -> list[Path]:
+    """Remove what file servers that died left in `output_dir` (partial uploads, markers); return what went.
+
+    A live file server holds a lock on its upload directory, so only the
+    leftovers of dead ones are taken.
+    """
+    removed = []
+    for uploads in [*output_dir.glob(f"{UPLOAD_PREFIX}*"), *output_dir.glob(f"{MAKING_PREFIX}*")]:
+        try:
+            held = os.open(uploads, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live file server's
+        else:
+            shutil.rmtree(uploads, ignore_errors=True)
+            removed.append(uploads)
+        finally:
+            os.close(held)
+    for marker in output_dir.glob(f"{MARKER_PREFIX}*"):
+        if not (output_dir / (UPLOAD_PREFIX + marker.name.removeprefix(MARKER_PREFIX))).exists():
+            marker.unlink(missing_ok=True)
+            removed.append(marker)
+    return removed
 
 
 def start_file_server(broker: str, encrypted: bool, output_dir: Path, mode: str,
