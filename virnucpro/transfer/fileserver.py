@@ -113,6 +113,7 @@ class FileServer:
         self.marker: Path | None = output_dir / f"{MARKER_PREFIX}{name}" if marker else None
         self.marker_sha256: str | None = None
         try:
+            output_dir.mkdir(parents=True, exist_ok=True)
             sweep(output_dir)
             self._held = self._make_upload_dir(name)
             if self.marker is not None:
