@@ -319,11 +319,7 @@ class FileServer:
             if fd is None:
                 fd = os.open(write.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
                 self._upload_fds[write.path] = fd
-            view = memoryview(write.data)
-            offset = write.offset
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
+            wire.write_at(fd, write.data, write.offset)
         except OSError as exc:
             self._perform(self.core.upload_failed(write.path, f"the client cannot write the output: {exc.strerror}"))
 

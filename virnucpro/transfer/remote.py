@@ -144,10 +144,7 @@ def _perform(instruction: WorkerInstruction, channel: Channel, fd: int) -> None:
             raise TransferError("the output changed on this worker while it was being sent")
         channel.send("chunk", instruction.fields, data)
     elif isinstance(instruction, Write):
-        view, offset = memoryview(instruction.data), instruction.offset
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
+        wire.write_at(fd, instruction.data, instruction.offset)
     elif isinstance(instruction, Truncate):
         os.ftruncate(fd, 0)
     elif isinstance(instruction, Reconnect):

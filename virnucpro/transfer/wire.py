@@ -1,10 +1,11 @@
-"""The file channel's messages between a worker and the client's file server, and their framing.
+"""The file channel's messages between a worker and the client's file server, their framing, and its checksums.
 
 A message is a msgpack header frame, validated by broker.protocol against
 this channel's schemas, followed for a `chunk` by one raw data frame (the
 bytes are never copied into msgpack). Every request a worker sends carries
 the job's token; files are named by task, and an output by its file name,
-which the server checks against its own record of the job.
+which the server checks against its own record of the job. Both ends share
+the checksum of a file (SHA-256), of the marker, and writing a chunk in place.
 """
 
 from __future__ import annotations
@@ -115,3 +116,11 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         while read := handle.readinto(buffer):
             digest.update(view[:read])
     return digest.hexdigest()
+
+
+def write_at(fd: int, data: Data, offset: int) -> None:
+    """Write all of `data` at `offset` of the open file `fd` (pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
