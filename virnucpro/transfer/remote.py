@@ -150,7 +150,7 @@ def _perform(instruction: WorkerInstruction, channel: Channel, fd: int) -> None:
     elif isinstance(instruction, Reconnect):
         channel.reconnect()
     elif isinstance(instruction, Failed):
-        raise TransferError(instruction.reason)
+        raise TransferError(f"{instruction.reason} (file server {channel.address})")
 
 
 def fetch(channel: Channel, token: str, task: str, output: str, destination: Path,
