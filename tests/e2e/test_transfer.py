@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -260,6 +262,66 @@ def test_the_file_server_serves_only_with_the_token_and_publishes_verified_outpu
     finally:
         server.close()
     assert sorted(p.name for p in out.iterdir()) == [final.name]  # marker and upload directory gone
+
+
+class DroppingProxy:
+    """A TCP proxy to `target` that cuts its connections once, after `after` bytes came back from the target."""
+
+    def __init__(self, target: str, after: int) -> None:
+        self.target = target.removeprefix("tcp://").rsplit(":", 1)
+        self.after = after
+        self.returned = 0  # bytes from the target to the client, over every connection
+        self.drops = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self.target[0], int(self.target[1])))
+            self._open += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, returning: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+                if returning:
+                    self.returned += len(data)
+                    if self.returned >= self.after and not self.drops:
+                        self.drops += 1
+                        for end in self._open:
+                            end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+        for end in self._open:
+            end.close()
+
+
+def test_a_download_resumes_from_the_offset_it_holds_after_the_connection_drops(tmp_path: Path) -> None:
+    content = os.urandom(64 << 20)
+    (tmp_path / "in.fa").write_bytes(content)
+    with FileServer(tmp_path / "out", "tcp://127.0.0.1:*", encrypt=False, marker=False).start() as server:
+        transfer = server.offer([{"path": str(tmp_path / "in.fa"), "output": str(tmp_path / "out" / "in.json")}])
+        proxy = DroppingProxy(server.address, after=48 << 20)
+        channel = Channel({**transfer, "address": proxy.address})
+        try:
+            fetch(channel, transfer["token"], "job:0", "in.json", tmp_path / "copy", lambda: False)
+        finally:
+            channel.close()
+            proxy.close()
+    assert (tmp_path / "copy").read_bytes() == content
+    # Resumed from about 48 MiB, not started over (that would have sent 112 MiB).
+    assert proxy.drops == 1 and proxy.returned < 1.25 * len(content)
 
 
 def test_a_new_file_server_sweeps_what_dead_ones_left_and_spares_live_ones(tmp_path: Path) -> None:
