@@ -23,7 +23,8 @@ import pytest
 from broker.security import SECRET_ENV, SERVER_KEY_ENV, create_keys
 from tests.support.cluster import cluster
 from tests.support.fasta import write_fasta
-from virnucpro.client.local import Child, LocalCluster, command
+from virnucpro.client.local import Child, LocalCluster
+from virnucpro.processes import command
 from virnucpro.stages import output_path
 from virnucpro.transfer.fileserver import MARKER_PREFIX, UPLOAD_PREFIX, FileServer
 from virnucpro.transfer.remote import Channel, TransferError, fetch, store
