@@ -14,7 +14,7 @@ from broker.records import LogRecord
 # ----------------------------------------------------------------- events
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileSpec:
     """One input file of a job, measured by the client at submission."""
 
@@ -103,6 +103,7 @@ class JobSubmitted:
     weighted: bool
     steal: bool
     now: float
+    backup: bool = True  # with steal: idle workers may run backup copies of straggling files
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class Assign:
 
 @dataclass(frozen=True)
 class Revoke:
-    """Tell `worker` to stop running `task` (its job was cancelled or finished without it)."""
+    """Tell `worker` to stop running `task` (its job was cancelled, or another copy of the file finished first)."""
 
     worker: str
     task: str

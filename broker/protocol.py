@@ -61,7 +61,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "bye": {},
     # client -> broker
     "submit": {"stage": STAGE, "output_dir": fields.text, "files": fields.list_of(FILE_SPEC, most=MAX_FILES),
-               "weighted": fields.flag, "steal": fields.flag, "transfer?": TRANSFER},
+               "weighted": fields.flag, "steal": fields.flag, "backup?": fields.flag,  # backup: default true
+               "transfer?": TRANSFER},
     "job": {"job": fields.text},
     "cancel": {"job": fields.text},
     "status": {},

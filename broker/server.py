@@ -197,9 +197,9 @@ class BrokerServer:
             return
         job = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         files = tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"]) for f in m["files"])
-        instructions = self.scheduler.handle(
-            JobSubmitted(job, m["stage"], m["output_dir"], files, m["weighted"], m["steal"], time.monotonic())
-        )
+        instructions = self.scheduler.handle(JobSubmitted(
+            job, m["stage"], m["output_dir"], files, m["weighted"], m["steal"], time.monotonic(), m.get("backup", True)
+        ))
         if m.get("transfer") is not None:
             self.transfers[job] = m["transfer"]
         self._send(identity, "submitted", job=job)

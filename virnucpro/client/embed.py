@@ -97,8 +97,11 @@ def run_job(
     label: str | None = None,
     transfer: str = "auto",
     transfer_address: str | None = None,
+    backup: bool = True,
 ) -> dict[str, Any]:
     """Submit the plan, show progress until it ends, and return the broker's report.
+
+    `backup`: with `steal`, let idle workers run backup copies of straggling files.
 
     If the broker restarts mid-job (it forgets the job), what is still
     missing on disk is submitted again. Unless `transfer` is "never", a file
@@ -114,7 +117,7 @@ def run_job(
         for _ in range(MAX_RESUBMITS):
             offer: dict[str, Any] = {"transfer": files.offer(todo)} if files is not None else {}
             job = client.request("submit", stage=plan.stage, output_dir=str(plan.output_dir), files=todo,
-                                 weighted=weighted, steal=steal, **offer)["job"]
+                                 weighted=weighted, steal=steal, backup=backup, **offer)["job"]
             try:
                 report = _follow(client, job, sum(f["residues"] for f in todo), console, label or plan.stage)
             except BrokerError as exc:
@@ -184,6 +187,9 @@ def worker_table(report: dict[str, Any], title: str) -> Table:
 
 def summary_line(report: dict[str, Any]) -> str:
     line = f"makespan {report['makespan']:.1f} s, {report['steals']} steals"
+    if report.get("backups"):
+        line += (f", {report['backups']} backup copies ({report['backups_won']} finished first, "
+                 f"{report['wasted_seconds']:.1f} s wasted)")
     if report.get("lower_bound"):
         line += f", lower bound {report['lower_bound']:.1f} s (ratio {report['makespan'] / report['lower_bound']:.2f})"
     return line
@@ -214,6 +220,7 @@ def embed(
     *,
     weighted: bool = False,
     steal: bool = False,
+    backup: bool = True,
     min_workers: int = 1,
     timeout: float = 600.0,
     transfer: str = "auto",
@@ -235,8 +242,8 @@ def embed(
         try:
             with BrokerClient(address) as client:
                 wait_for_workers(client, stage, min_workers, timeout, console)
-                report = run_job(client, plan, weighted=weighted, steal=steal, console=console, transfer=transfer,
-                                 transfer_address=transfer_address)
+                report = run_job(client, plan, weighted=weighted, steal=steal, backup=backup, console=console,
+                                 transfer=transfer, transfer_address=transfer_address)
         except (BrokerUnreachable, BrokerError, EmbedError, SecurityError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             return EXIT_ERROR

@@ -77,8 +77,9 @@ def embed_stages(client: BrokerClient, plans: Sequence[Plan], options: PredictOp
         if not plan.todo:
             continue
         wait_for_workers(client, plan.stage, 1, options.timeout, console)
-        report = run_job(client, plan, weighted=options.weighted, steal=options.steal, console=console,
-                         label=plan.stage, transfer=options.transfer, transfer_address=options.transfer_address)
+        report = run_job(client, plan, weighted=options.weighted, steal=options.steal, backup=options.backup,
+                         console=console, label=plan.stage, transfer=options.transfer,
+                         transfer_address=options.transfer_address)
         console.print(worker_table(report, f"{plan.stage}: per-worker throughput (predicted vs observed weight)"))
         console.print(summary_line(report))
         write_report(plan, report, client.address)
