@@ -66,6 +66,8 @@ LOST_ASSIGNMENT_GRACE = 3.0
 VICTIMS_CONSIDERED = 3
 # How many running files, from each end of the predicted-end index, an idle worker considers backing up.
 HOLDERS_CONSIDERED = 4
+# A measured worker's running file is late (taken to be halfway) past this many times its predicted time.
+LATE_TOLERANCE = 1.2
 # A running file is overdue past this many times its predicted time and at least this many seconds over it.
 OVERDUE_FACTOR = 3.0
 OVERDUE_MARGIN = 60.0
@@ -221,22 +223,27 @@ class Scheduler:
     def remaining(self, worker: Worker, now: float, scale: float | None = None) -> float:
         """Seconds `worker` is predicted still to need for its running file (0.0 if it runs none).
 
-        Until its predicted end, the prediction's remainder. Past it, the file
-        counts as partly done, not done: it is taken to be halfway, needing as
-        long again as it has run so far. A file that overran its prediction
-        says only that the worker is slower than predicted, by an unknown
-        factor; with nothing known about that factor (a duration of any scale
-        equally likely), the median total of a run that has lasted t is 2t.
-        So the estimate grows while the file stays late: a straggler soon
-        looks slower than a copy elsewhere would be, while a file only just
-        past its prediction is backed up only by a worker that would finish a
-        copy in less time than the file has already run.
+        Until the file is late, what its prediction leaves (nothing once the
+        prediction is used up). A late file counts as partly done, not done:
+        it is taken to be halfway, needing as long again as it has run so far.
+        Lateness says only that the worker is slower than predicted, by an
+        unknown factor; with nothing known about that factor (a duration of
+        any scale equally likely), the median total of a run that has lasted
+        t is 2t. So the estimate grows while the file stays late, and a
+        straggler soon looks slower than a copy elsewhere would be.
+
+        A file is late once it overruns its prediction when the worker is not
+        measured yet (the prediction is the weight table's guess), and past
+        LATE_TOLERANCE times it when the worker is (its speed is known, and a
+        small overrun is noise: the file's contents, a busy host).
         """
         if worker.running is None:
             return 0.0
         predicted = self.tasks[worker.running].cost / self.speed_of(worker, scale)
         elapsed = now - worker.running_since
-        return predicted - elapsed if elapsed < predicted else elapsed
+        if elapsed < predicted * (LATE_TOLERANCE if worker.speed else 1.0):
+            return max(predicted - elapsed, 0.0)
+        return elapsed
 
     def predicted_finish(self, worker: Worker, now: float, scale: float | None = None) -> float:
         """When `worker` would finish its running file and then its queue.

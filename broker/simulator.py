@@ -55,6 +55,7 @@ class SimWorker:
     joins_at: float = 0.0
     dies_at: float | None = None  # from then on it never answers
     stall: tuple[float, float] | None = None  # cut off in both directions between these times; runs on meanwhile
+    overhead: float = 0.0  # seconds per file beyond cost / speed (publishing, the round trip), not in its `seconds`
     stages: tuple[str, ...] = (STAGE,)
 
 
@@ -147,7 +148,7 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
                     push(now + 0.5, "fail", (wid, instruction.task, token[wid]))
                 else:
                     seconds = costs[job_id][int(index)] / by_id[wid].speed
-                    push(now + seconds, "done", (wid, instruction.task, token[wid], seconds))
+                    push(now + seconds + by_id[wid].overhead, "done", (wid, instruction.task, token[wid], seconds))
             elif isinstance(instruction, Revoke):
                 wid = instruction.worker
                 if wid not in crashed and not stalled(wid, now) and running[wid] == instruction.task:

@@ -17,6 +17,7 @@ GOOD = [
     ("done", dict(task="j:1", seconds=1.5, sequences=3, residues=300, skipped=False)),
     ("failed", dict(task="j:1", reason="CUDA error")),
     ("submit", dict(stage="synthetic", output_dir="/out", files=[SPEC], weighted=True, steal=False)),
+    ("submit", dict(stage="synthetic", output_dir="/out", files=[SPEC], weighted=True, steal=True, backup=False)),
     ("job", dict(job="j")),
     ("status", {}),
     ("assign", dict(task="j:1", job="j", stage="esm", path="/data/a.fa", output="/out/a_ESM.pt")),
@@ -48,6 +49,8 @@ def test_well_formed_messages_round_trip(kind, fields):
                         "stages": ["training"], "pid": 1}), "bad value for field 'stages'"),
         (msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
                         "steal": True, "files": [{**SPEC, "residues": True}]}), "bad value for field 'files'"),
+        (msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
+                        "steal": True, "backup": "no", "files": [SPEC]}), "bad value for field 'backup'"),
         (msgpack.packb({"v": 1, "type": "job", "job": "x" * 5000}), "bad value for field 'job'"),
         (msgpack.packb({"v": 1, "type": "error", "reason": "unknown job 'j'"}), "missing field 'code'"),
         (msgpack.packb({"v": 1, "type": "error", "code": "unknown job", "reason": "r"}), "bad value for field 'code'"),
@@ -66,3 +69,6 @@ def test_job_paths_must_be_absolute_and_outputs_inside_the_output_directory():
     assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out/../etc/passwd"}])
     assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/outside/a.json"}])
     assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out"}])
+    assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out-2/a.json"}])
+    assert check_paths("/out/", [SPEC | {"output": "/out/sub/../a.json"}]) is None
+    assert check_paths("/", [SPEC | {"output": "/a.json"}]) is None

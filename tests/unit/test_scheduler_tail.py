@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from broker.events import Assign, Notice, Revoke
-from broker.scheduler import OVERDUE_FACTOR, OVERDUE_MARGIN
+from broker.scheduler import LATE_TOLERANCE, OVERDUE_FACTOR, OVERDUE_MARGIN
 from tests.support.driver import Driver, assigns, finished, log_records, of_type
 
 
@@ -62,6 +62,17 @@ def test_a_holder_past_its_predicted_end_counts_as_partly_done_needing_as_long_a
     assert d.scheduler.remaining(holder, 99.0) == 1.0
     assert d.scheduler.remaining(holder, 100.0) == 100.0  # reached it without finishing: halfway, not done
     assert d.scheduler.remaining(holder, 150.0) == 150.0
+
+
+def test_a_measured_holder_is_late_only_past_its_tolerance_over_the_prediction():
+    d = holder_running(100, queued=(100,))
+    d.succeed("holder", "j:0", 50.0, at=50.0)  # measured: 2 residues/s
+    d.request("holder")
+    holder = d.scheduler.workers["holder"]
+    assert LATE_TOLERANCE == 1.2
+    assert d.scheduler.remaining(holder, 80.0) == 20.0  # 30 s of the predicted 50 s
+    assert d.scheduler.remaining(holder, 105.0) == 0.0  # 10% over: noise, not a straggler
+    assert d.scheduler.remaining(holder, 110.0) == 60.0  # 20% over: late, halfway
 
 
 def test_a_late_holder_gets_a_backup_once_a_copy_would_take_less_than_it_has_run():
