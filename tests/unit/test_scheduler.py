@@ -839,7 +839,7 @@ def play_random_events(data, steps: int) -> Driver:
                    stages=data.draw(st.sampled_from([("synthetic",), ("esm",), ("synthetic", "esm")])))
         elif kind == "submit":
             d.submit(f"j{len(d.scheduler.jobs)}", data.draw(st.lists(st.integers(100, 5000), min_size=1, max_size=6)),
-                     weighted=data.draw(st.booleans()), steal=data.draw(st.booleans()),
+                     weighted=data.draw(st.booleans()), steal=data.draw(st.booleans()), backup=data.draw(st.booleans()),
                      stage=data.draw(st.sampled_from(["synthetic", "esm"])))
         elif kind == "succeed":
             d.succeed(worker, task, data.draw(st.sampled_from([0.0, 0.5, 2.0])))
@@ -874,6 +874,7 @@ def scenarios(draw, stalls: bool = False, steady_survivor: bool = True):
             speed=float(draw(st.integers(500, 5000))),
             joins_at=draw(st.sampled_from([0.0, 0.0, 0.0, 3.0, 25.0])),
             dies_at=draw(st.none() | st.floats(0.0, 40.0)),
+            overhead=draw(st.sampled_from([0.0, 0.0, 0.05])),
         )
         for i in range(n)
     ]
@@ -889,7 +890,7 @@ def scenarios(draw, stalls: bool = False, steady_survivor: bool = True):
         costs = draw(st.lists(st.integers(100, 10_000), min_size=1, max_size=15))
         poison = draw(st.frozensets(st.integers(0, len(costs) - 1), max_size=2))
         jobs.append(SimJob(id=f"job{j}", costs=costs, weighted=draw(st.booleans()), steal=draw(st.booleans()),
-                           at=draw(st.sampled_from([0.0, 1.0, 20.0])), poison=poison))
+                           backup=draw(st.booleans()), at=draw(st.sampled_from([0.0, 1.0, 20.0])), poison=poison))
     return workers, jobs
 
 
