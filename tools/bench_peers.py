@@ -31,8 +31,6 @@ import heapq
 import io
 import json
 import logging
-import os
-import platform
 import random
 import statistics
 import tempfile
@@ -45,6 +43,7 @@ from typing import Any
 
 import click
 import zmq
+from bench_report import machine, replace_block
 from rich.console import Console
 from simulate import ESM_4090_SECONDS, FILE_RESIDUES, sample_costs
 
@@ -59,8 +58,6 @@ from virnucpro.worker.publish import publish
 RTX_3090 = "NVIDIA GeForce RTX 3090"
 RECORD = 100  # residues per FASTA record of the generated inputs
 SYSTEMS = ("broker", "pull queue", "static", "dask")
-README_START = "<!-- bench_peers: start (tools/bench_peers.py --update-readme writes this table) -->"
-README_END = "<!-- bench_peers: end -->"
 
 
 @dataclass(frozen=True)
@@ -393,20 +390,6 @@ def run_one(case: Case, system: str) -> Run | None:
         return run_dask(case, files, root)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, load average {load} at the start, "
-            f"{time.strftime('%Y-%m-%d')}")
-
-
 def summarize(case: Case, runs: list[Run]) -> dict[str, Any]:
     bound = case.bound()
     ratios = sorted(r.makespan / bound for r in runs)
@@ -434,17 +417,6 @@ def markdown(results: dict[str, Any]) -> str:
             cells.append(cell)
         lines.append(f"| {case['title']} | {case['bound_s']:.2f} s | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_readme_table(path: Path, results: dict[str, Any]) -> None:
-    text = path.read_text()
-    if README_START not in text or README_END not in text:
-        raise click.ClickException(f"{path}: no {README_START!r} ... {README_END!r} block to replace")
-    before, rest = text.split(README_START, 1)
-    _, after = rest.split(README_END, 1)
-    block = (f"{README_START}\nMakespan / lower bound, median of {results['repeat']} (range), on {results['machine']}:"
-             f"\n\n{markdown(results)}{README_END}")
-    path.write_text(before + block + after)
 
 
 @click.command()
@@ -492,7 +464,8 @@ def main(repeat: int, cases: tuple[str, ...], systems: tuple[str, ...], json_pat
     if markdown_path:
         markdown_path.write_text(table)
     if update_readme:
-        write_readme_table(update_readme, results)
+        replace_block(update_readme, "bench_peers", f"Makespan / lower bound, median of {repeat} (range), on "
+                      f"{results['machine']}:\n\n{table}")
 
 
 if __name__ == "__main__":

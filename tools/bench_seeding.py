@@ -31,6 +31,7 @@ from typing import Any
 
 import click
 import zmq
+from bench_report import machine, replace_block
 from simulate import ESM_4090_SECONDS, FILE_RESIDUES, sample_costs
 
 from broker import protocol
@@ -42,8 +43,6 @@ from virnucpro.client.local import LocalCluster
 from virnucpro.pipeline.gpu_weights import load_weight_table
 
 GPUS = ("RTX 3090", "RTX 4090", "A100", "H100")
-README_START = "<!-- bench_seeding: start (tools/bench_seeding.py --update-readme writes this table) -->"
-README_END = "<!-- bench_seeding: end -->"
 
 
 def sim_workers(count: int) -> list[SimWorker]:
@@ -53,18 +52,18 @@ def sim_workers(count: int) -> list[SimWorker]:
             for n in range(count)]
 
 
-def measure_seeding(workers: list[SimWorker], files: int) -> float:
-    """Seconds of the event that seeds `files` onto `workers`, all registered and waiting."""
+def measure_seeding(workers: list[SimWorker], files: int) -> dict[str, float]:
+    """Seconds (wall and CPU) of the event that seeds `files` onto `workers`, all registered and waiting."""
     scheduler = Scheduler()
     for w in workers:
         scheduler.handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, 0.0))
         scheduler.handle(WorkRequested(w.id, 0.0))
     event = JobSubmitted("job", STAGE, "out/job", file_specs(sample_costs(files, seed=1), "job-"), True, True, 0.0)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     out = scheduler.handle(event)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert sum(isinstance(i, Assign) for i in out) == len(workers)
-    return elapsed
+    return {"wall_s": elapsed, "cpu_s": cpu}
 
 
 class TimedScheduler(Scheduler):
@@ -88,14 +87,14 @@ class TimedScheduler(Scheduler):
 def measure_simulation(workers: list[SimWorker], files: int, heartbeat: float) -> dict[str, float]:
     costs = sample_costs(files, seed=1)
     scheduler = TimedScheduler(worker_timeout=max(10.0, 3 * heartbeat))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = simulate(workers, [SimJob("job", costs, weighted=True, steal=True)], heartbeat_interval=heartbeat,
                       scheduler=scheduler, horizon=10 * sum(costs) / sum(w.speed for w in workers))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     report = result.reports["job"]
     decisions = sorted(scheduler.decisions)
     return {
-        "wall_s": elapsed, "makespan_ratio": report["makespan"] / makespan_lower_bound(costs, [w.speed for w in workers]),
+        "wall_s": elapsed, "cpu_s": cpu, "makespan_ratio": report["makespan"] / makespan_lower_bound(costs, [w.speed for w in workers]),
         "decision_median_us": statistics.median(decisions) * 1e6,
         "decision_p99_us": decisions[int(0.99 * (len(decisions) - 1))] * 1e6, "decisions": len(decisions),
         "done": report["done"],
@@ -219,9 +218,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "| measure | figure |", "|---|---|",
         f"| seeding {core['files']:,} files onto {core['workers']:,} waiting workers (one event) | "
-        f"{core['seeding_s']:.2f} s |",
-        f"| the whole simulated run (heartbeats every {core['heartbeat_s']:g} s) | {core['simulation']['wall_s']:.1f} s, "
-        f"makespan / bound {core['simulation']['makespan_ratio']:.3f} |",
+        f"{core['seeding']['wall_s']:.2f} s ({core['seeding']['cpu_s']:.2f} s of CPU) |",
+        f"| the whole simulated run (heartbeats every {core['heartbeat_s']:g} s) | {core['simulation']['wall_s']:.1f} s "
+        f"({core['simulation']['cpu_s']:.1f} s of CPU), makespan / bound {core['simulation']['makespan_ratio']:.3f} |",
         f"| one assignment decision (request answered with a file), median / p99 | "
         f"{core['simulation']['decision_median_us']:.1f} / {core['simulation']['decision_p99_us']:.1f} µs |",
     ]
@@ -249,13 +248,14 @@ def markdown(results: dict[str, Any]) -> str:
 def main(workers: int, files: int, heartbeat: float, real_workers: int, real_files: int, json_path: Path | None,
          update_readme: Path | None) -> None:
     """Time seeding, a whole simulated run and each assignment at scale, and a real broker seeding a large job."""
+    started_on = machine()
     fleet = sim_workers(workers)
     core: dict[str, Any] = {"workers": workers, "files": files, "heartbeat_s": heartbeat}
-    core["seeding_s"] = measure_seeding(fleet, files)
-    click.echo(f"seeding {files:,} files onto {workers:,} workers: {core['seeding_s']:.2f} s", err=True)
+    core["seeding"] = measure_seeding(fleet, files)
+    click.echo(f"seeding {files:,} files onto {workers:,} workers: {json.dumps(core['seeding'])}", err=True)
     core["simulation"] = measure_simulation(fleet, files, heartbeat)
     click.echo(f"whole simulation: {json.dumps(core['simulation'])}", err=True)
-    results: dict[str, Any] = {"core": core}
+    results: dict[str, Any] = {"machine": started_on, "core": core}
     if real_workers:
         with tempfile.TemporaryDirectory(prefix="bench-seeding-") as scratch:
             results["real"] = measure_real_broker(real_workers, real_files, Path(scratch))
@@ -265,11 +265,7 @@ def main(workers: int, files: int, heartbeat: float, real_workers: int, real_fil
     if json_path:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
     if update_readme:
-        text = update_readme.read_text()
-        if README_START not in text or README_END not in text:
-            raise click.ClickException(f"{update_readme}: no {README_START!r} ... {README_END!r} block to replace")
-        before, rest = text.split(README_START, 1)
-        update_readme.write_text(f"{before}{README_START}\n{table}{README_END}{rest.split(README_END, 1)[1]}")
+        replace_block(update_readme, "bench_seeding", f"On {results['machine']}:\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.events import Assign, Notice, Reregister, Revoke
-from broker.scheduler import LOST_ASSIGNMENT_GRACE, InvariantError
+from broker.scheduler import LOST_ASSIGNMENT_GRACE, ExactSum, InvariantError
 from broker.simulator import SimJob, SimWorker, simulate
 from tests.support.driver import Driver, answer_all, assigns, finished, log_records, lower_bound, of_type
 
@@ -820,6 +821,17 @@ def test_predictions_return_to_table_weights_when_every_measured_worker_has_left
     assert not d.scheduler.measured and d.scheduler.scale() == 1.0
     assert d.scheduler.speed_of(d.scheduler.workers["u"]) == 1.0
     assert [d.cost(t) for t in d.run_queue("u")] == [1000] * 4
+
+
+@given(st.lists(st.floats(min_value=1e-3, max_value=1e6), min_size=1, max_size=40))
+def test_the_measured_sums_are_exact_so_they_return_to_zero_and_never_drift(values):
+    total = ExactSum()
+    for value in values:
+        total.add(value)
+    assert float(total) == math.fsum(values)  # correctly rounded, as if summed exactly
+    for value in reversed(values):
+        total.remove(value)
+    assert total.units == 0 and float(total) == 0.0
 
 
 EVENTS = ("join", "request", "succeed", "fail", "heartbeat", "left", "tick", "submit", "cancel")

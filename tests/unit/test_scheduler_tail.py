@@ -105,16 +105,22 @@ def test_a_file_gets_at_most_one_backup_copy():
     assert d.scheduler.jobs["j"].backups == 1
 
 
-def test_the_backup_finishing_first_wins_the_holder_is_revoked_and_its_late_result_discarded():
+def first_to_finish(worker: str, at: float) -> tuple[Driver, list, dict, dict]:
+    """holder_running, `fast` (2 residues/s) backing j:0 up from t=10, and `worker` finishing its copy at `at`:
+    the driver, the instructions, the task_done record and the job report."""
     d = holder_running()
     d.join("fast", 2.0, at=10.0)
-    d.request("fast")
-    d.pass_time(59.0)
-    out = d.succeed("fast", "j:0", 50.0, at=60.0)
-    assert of_type(out, Revoke) == [Revoke("holder", "j:0")]
+    assert tasks_for(d.request("fast"), "fast") == ["j:0"]
+    d.pass_time(at - 1.0)
+    out = d.succeed(worker, "j:0", at - d.scheduler.workers[worker].running_since, at=at)
     (record,) = log_records(out, "task_done")
+    return d, out, record, finished(out)[0].report
+
+
+def test_the_backup_finishing_first_wins_the_holder_is_revoked_and_its_late_result_discarded():
+    d, out, record, report = first_to_finish("fast", at=60.0)
+    assert of_type(out, Revoke) == [Revoke("holder", "j:0")]
     assert record["worker"] == "fast" and record["backup"] is True and record["stolen"] is True
-    report = finished(out)[0].report
     assert (report["done"], report["backups"], report["backups_won"]) == (1, 1, 1)
     assert report["wasted_seconds"] == 60.0  # the holder ran from 0 to 60 for nothing
     # The holder finishes anyway before the revoke reaches it: its result is discarded, not counted twice.
@@ -125,15 +131,9 @@ def test_the_backup_finishing_first_wins_the_holder_is_revoked_and_its_late_resu
 
 
 def test_the_holder_finishing_first_wins_and_the_backup_is_revoked_as_wasted_work():
-    d = holder_running()
-    d.join("fast", 2.0, at=10.0)
-    d.request("fast")
-    d.pass_time(29.0)
-    out = d.succeed("holder", "j:0", 30.0, at=30.0)
+    d, out, record, report = first_to_finish("holder", at=30.0)
     assert of_type(out, Revoke) == [Revoke("fast", "j:0")]
-    (record,) = log_records(out, "task_done")
     assert record["worker"] == "holder" and record["backup"] is False
-    report = finished(out)[0].report
     assert (report["backups"], report["backups_won"], report["wasted_seconds"]) == (1, 0, 20.0)
     d.fail("fast", "j:0", "revoked by the broker", at=30.5)
     assert d.scheduler.counters["result of a revoked copy discarded"] == 1
