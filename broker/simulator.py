@@ -56,6 +56,14 @@ class SimWorker:
     dies_at: float | None = None  # from then on it never answers
     stall: tuple[float, float] | None = None  # cut off in both directions between these times; runs on meanwhile
     overhead: float = 0.0  # seconds per file beyond cost / speed (publishing, the round trip), not in its `seconds`
+    slows: tuple[float, float] | None = None  # (at, speed): from simulated time `at` on it runs at this speed
+
+    def seconds_for(self, cost: int, start: float) -> float:
+        """How long a file of `cost` residues started at `start` runs, across a change of speed if one falls due."""
+        if self.slows is None or start + cost / self.speed <= self.slows[0]:
+            return cost / self.speed
+        before = max(0.0, self.slows[0] - start)
+        return before + (cost - before * self.speed) / self.slows[1]
     stages: tuple[str, ...] = (STAGE,)
 
 
@@ -147,7 +155,7 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
                 if int(index) in poison[job_id]:
                     push(now + 0.5, "fail", (wid, instruction.task, token[wid]))
                 else:
-                    seconds = costs[job_id][int(index)] / by_id[wid].speed
+                    seconds = by_id[wid].seconds_for(costs[job_id][int(index)], now)
                     push(now + seconds + by_id[wid].overhead, "done", (wid, instruction.task, token[wid], seconds))
             elif isinstance(instruction, Revoke):
                 wid = instruction.worker

@@ -57,6 +57,7 @@ from virnucpro.worker.publish import publish
 
 RTX_3090 = "NVIDIA GeForce RTX 3090"
 RECORD = 100  # residues per FASTA record of the generated inputs
+SETTLE = 1.0  # seconds between runs
 SYSTEMS = ("broker", "pull queue", "static", "dask")
 
 
@@ -415,7 +416,9 @@ def markdown(results: dict[str, Any]) -> str:
             if row["wasted_median_s"] > 0:
                 cell += f", {row['wasted_median_s']:.2f} s wasted"
             cells.append(cell)
-        lines.append(f"| {case['title']} | {case['bound_s']:.2f} s | " + " | ".join(cells) + " |")
+        bound = case["bound_s"]
+        bound_text = f"{bound:.2f} s" if bound < 600 else f"{bound / 3600:.2f} h"
+        lines.append(f"| {case['title']} | {bound_text} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -442,7 +445,11 @@ def main(repeat: int, cases: tuple[str, ...], systems: tuple[str, ...], json_pat
         for case in chosen:
             if case.simulated and rep > 0:
                 continue  # simulated time is deterministic: one run says it all
-            for system in systems:
+            # Each repetition starts with another system, so none always runs just after Dask's cluster
+            # winds down (or any other stray load); a pause lets the previous run's processes exit.
+            for system in systems[rep % len(systems):] + systems[:rep % len(systems)]:
+                if not case.simulated:
+                    time.sleep(SETTLE)
                 run = run_one(case, system)
                 if run is None:
                     continue
