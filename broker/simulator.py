@@ -6,7 +6,8 @@ ticks every heartbeat interval (a second unless told), and a worker that dies
 never answers again. So a
 policy measured here is the policy the broker runs, at any scale, in seconds
 of real time. tools/simulate.py compares policies with it; the tests drive it
-for their property and makespan checks.
+for their property and makespan checks. pull_queue_makespan is the yardstick
+beside it: a plain pull queue on the same simulated workers.
 """
 
 from __future__ import annotations
@@ -241,3 +242,20 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             push(now + heartbeat_interval, "tick")
     result.end = now
     return result
+
+
+def pull_queue_makespan(costs: Sequence[int], workers: Sequence[SimWorker]) -> float:
+    """The makespan of a plain pull queue on these workers: each free worker takes the largest file left.
+
+    Same simulated workers (their speed, slowdown and per-file overhead), no
+    broker: the yardstick this broker's policies are measured against.
+    """
+    free = [(w.joins_at, n) for n, w in enumerate(workers)]
+    heapq.heapify(free)
+    end = 0.0
+    for cost in sorted(costs, reverse=True):
+        at, n = heapq.heappop(free)
+        done = at + workers[n].seconds_for(cost, at) + workers[n].overhead
+        end = max(end, done)
+        heapq.heappush(free, (done, n))
+    return end

@@ -27,7 +27,6 @@ seconds spent on copies whose result was thrown away (a backup's loser).
 
 from __future__ import annotations
 
-import heapq
 import io
 import json
 import logging
@@ -49,7 +48,7 @@ from simulate import ESM_4090_SECONDS, FILE_RESIDUES, sample_costs
 
 from broker import protocol
 from broker.reports import makespan_lower_bound
-from broker.simulator import SimJob, SimWorker, simulate
+from broker.simulator import SimJob, SimWorker, pull_queue_makespan, simulate
 from virnucpro.backends.synthetic import SyntheticBackend
 from virnucpro.client.embed import plan_job, run_job
 from virnucpro.client.local import LocalCluster, free_loopback_address
@@ -345,22 +344,10 @@ def run_dask(case: Case, files: list[Path], root: Path) -> Run:
 # ------------------------------------------------------------------ simulation
 
 
-def simulate_pull_queue(costs: Sequence[int], speeds: Sequence[float]) -> float:
-    """Makespan of a pull queue, largest file first to whichever worker is free first (no overheads)."""
-    free = [(0.0, n) for n in range(len(speeds))]
-    end = 0.0
-    for cost in sorted(costs, reverse=True):
-        at, n = heapq.heappop(free)
-        done = at + cost / speeds[n]
-        end = max(end, done)
-        heapq.heappush(free, (done, n))
-    return end
-
-
 def run_simulated(case: Case, system: str) -> Run | None:
     speeds = [w.speed for w in case.workers]
     if system == "pull queue":
-        return Run(simulate_pull_queue(case.costs, speeds))
+        return Run(pull_queue_makespan(case.costs, [SimWorker(f"gpu{n}", 1.0, speed) for n, speed in enumerate(speeds)]))
     if system == "dask":
         return None
     from virnucpro.pipeline.gpu_weights import load_weight_table

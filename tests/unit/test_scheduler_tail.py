@@ -1,4 +1,5 @@
-"""Scheduler core at the tail of a job: backup copies, overdue files, offers at every tick, a broker that was deaf.
+"""Scheduler core at the tail of a job: backup copies, overdue files, offers at every tick, a broker that was deaf;
+and the whole policy in simulated time beside a plain pull queue.
 
 Nobody is measured in these tests unless a test says so, so each worker runs
 at its weight in residues per second: the holder, weight 1.0, is predicted
@@ -8,10 +9,14 @@ invariants after every event.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from broker.events import Assign, Notice, Revoke
+from broker.reports import makespan_lower_bound
 from broker.scheduler import LATE_TOLERANCE, OVERDUE_FACTOR, OVERDUE_MARGIN
+from broker.simulator import SimJob, SimWorker, pull_queue_makespan, simulate
 from tests.support.driver import Driver, assigns, finished, log_records, of_type
 
 
@@ -233,3 +238,47 @@ def test_a_broker_that_could_not_tick_does_not_hold_its_own_deafness_against_the
     assert d.scheduler.workers["a"].alive
     out = d.tick(at=23.0)
     assert [i.text for i in of_type(out, Notice)] == ["worker a silent for 23.0 s: declared dead"]
+
+
+# ------------------------------------------------------------ in simulated time
+
+SPREAD = [250 * (1 + i % 10) for i in range(60)]  # 60 files of 250 to 2,500 residues
+random.Random(11).shuffle(SPREAD)
+OVERHEAD = 0.01  # seconds a worker loses per file (publishing, the round trip)
+
+
+def sim_worker(name: str, speed: float, weight: float = 1.0, slows: tuple[float, float] | None = None) -> SimWorker:
+    return SimWorker(name, weight, speed, overhead=OVERHEAD, slows=slows)
+
+
+CASES = {
+    "three named RTX 3090, true speeds 2000/2000/6000": (
+        SPREAD, [sim_worker("a", 2000), sim_worker("b", 2000), sim_worker("fast", 6000)]),
+    "a straggler ten times slower than its weight says": (
+        [10_000, 10_000], [sim_worker("straggler", 1000), sim_worker("fast", 10_000)]),
+    "9 large files on speeds 1:2:4 seeded by weights 1:2:3.3": (
+        [11000, 9000, 6000, 5000, 12000, 4000, 8000, 10000, 7000],
+        [sim_worker("x1", 2000, 1.0), sim_worker("x2", 4000, 2.0), sim_worker("x4", 8000, 3.3)]),
+    "four equal workers, one slowing to a third halfway": (
+        SPREAD, [sim_worker(f"w{n}", 3000) for n in range(3)] + [sim_worker("slows", 3000, slows=(3.44, 1000))]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_in_simulated_time_the_broker_is_never_more_than_2_percent_behind_a_pull_queue_and_beats_static_seeding(case):
+    costs, workers = CASES[case]
+    runs = {steal: simulate(workers, [SimJob("j", costs, weighted=True, steal=steal)], validate=True)
+            for steal in (True, False)}
+    broker, static = (runs[steal].reports["j"]["makespan"] for steal in (True, False))
+    assert runs[True].reports["j"]["done"] == len(costs)
+    assert broker <= 1.02 * pull_queue_makespan(costs, workers)
+    assert broker < static
+
+
+def test_in_simulated_time_a_backup_copy_takes_the_straggler_case_within_1_3_of_the_bound():
+    costs, workers = CASES["a straggler ten times slower than its weight says"]
+    result = simulate(workers, [SimJob("j", costs, weighted=True, steal=True)], validate=True)
+    report = result.reports["j"]
+    assert report["makespan"] <= 1.3 * makespan_lower_bound(costs, [w.speed for w in workers])
+    assert (report["backups"], report["backups_won"]) == (1, 1)
+    assert [(r.worker, r.backup) for r in result.task_done] == [("fast", False), ("fast", True)]
