@@ -43,7 +43,7 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
             "alive" if w["alive"] else "dead",
         )
     jobs = Table(title="jobs", title_justify="left")
-    for column in ("job", "stage", "state", "done", "failed", "running", "files", "steals", "backups won/run",
+    for column in ("job", "stage", "state", "done", "failed", "running", "files", "steals", "backups won/started",
                    "wasted", "policy", "finish in"):
         jobs.add_column(column)
     for j in snapshot["jobs"]:
