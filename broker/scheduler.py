@@ -60,7 +60,8 @@ from virnucpro.pipeline.gpu_weights import assign_files_weighted
 
 # Weight of the newest file in a worker's moving-average speed.
 SPEED_SMOOTHING = 0.3
-# A worker that says it is idle this long after an assignment never got it.
+# A worker that says it is idle this long after an assignment never got it; one that says it is idle this long
+# after its copy was revoked is waiting for work.
 LOST_ASSIGNMENT_GRACE = 3.0
 # How many of the latest finishers a thief considers as victims.
 VICTIMS_CONSIDERED = 3
@@ -461,6 +462,16 @@ class Scheduler:
             and event.now - worker.running_since > LOST_ASSIGNMENT_GRACE
         ):
             return self._assignment_lost(worker, event.now)
+        if (
+            worker.running is None
+            and event.task is None
+            and worker.id not in self._waiting
+            and event.now - worker.idle_since > LOST_ASSIGNMENT_GRACE
+        ):
+            # Idle this long and not asking: it never got the file whose copy was then revoked (or its request was
+            # lost), so it waits for work without saying so again.
+            self.count("idle worker that never asked again")
+            self._wait(worker)
         return []
 
     def _assignment_lost(self, worker: Worker, now: float) -> list[Instruction]:

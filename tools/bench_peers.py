@@ -190,7 +190,8 @@ def run_broker(case: Case, files: list[Path], root: Path, *, steal: bool) -> Run
         cluster.wait_for_workers(len(case.workers), "synthetic", timeout=60)
         plan = plan_job("synthetic", files, root / "out")
         with cluster.client() as client:
-            report = run_job(client, plan, weighted=True, steal=steal, console=Console(file=io.StringIO()))
+            report = run_job(client, plan, weighted=True, steal=steal, console=Console(file=io.StringIO()),
+                             transfer="never")  # a shared file system, as for the other systems
     if report["done"] != len(files):
         raise RuntimeError(f"{case.key}: the broker finished {report['done']} of {len(files)} files")
     return Run(report["makespan"], report.get("wasted_seconds", 0.0), read_outputs(root / "out"))

@@ -164,6 +164,21 @@ def test_a_failed_backup_leaves_the_holder_running_and_a_dead_holder_leaves_the_
     assert record["worker"] == "fast2" and record["backup"] is True
 
 
+def test_a_holder_that_never_received_its_file_is_offered_work_once_its_heartbeats_say_it_is_idle():
+    # The assignment to the holder was lost in transit; a backup finished the file and the revoke meant nothing to
+    # the holder, which will not ask again: its heartbeats saying it runs nothing put it back in line.
+    d = holder_running(100, queued=(40,))
+    d.join("fast", 2.0, at=1.0)
+    d.request("fast")  # steals j:1 (40 residues), done at 21
+    d.succeed("fast", "j:1", 20.0, at=21.0)
+    assert tasks_for(d.request("fast"), "fast") == ["j:0"]  # backup: 50 s against the holder's 79 left
+    d.submit("k", [10], weighted=False, steal=False, at=22.0)  # queued for the holder (the first worker)
+    d.succeed("fast", "j:0", 50.0, at=71.0)  # the holder's copy is revoked
+    assert assigns(d.heartbeat("holder", None, at=73.0)) == []  # within the grace: its request may be on the way
+    assert tasks_for(d.heartbeat("holder", None, at=75.0), "holder") == ["k:0"]
+    assert d.scheduler.counters["idle worker that never asked again"] == 1
+
+
 @pytest.mark.parametrize("backup,steal", [(False, True), (True, False)])
 def test_no_backup_copies_without_steal_or_with_no_backup(backup, steal):
     d = holder_running(backup=backup, steal=steal)
