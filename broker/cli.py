@@ -33,7 +33,10 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
 @click.option("--worker-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Seconds of silence after which a worker is dead and its files go to others.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Attempts before a file is reported failed.")
+              help="Failed attempts (stage errors) before a file is reported failed.")
+@click.option("--max-deaths", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Different workers that may die (or leave) while running a file before it is reported failed; "
+                   "deaths are not counted as failed attempts.")
 @click.option("--curve-secret", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The broker's secret certificate (NAME.key_secret): encrypt all traffic with CURVE.")
 @click.option("--allowed-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -41,7 +44,8 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
 @click.option("-v", "--verbose", is_flag=True, help="Log every dropped message.")
 @click.pass_context
 def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_weights: Path | None,
-        heartbeat_interval: float, worker_timeout: float, max_attempts: int, curve_secret: Path | None,
+        heartbeat_interval: float, worker_timeout: float, max_attempts: int, max_deaths: int,
+        curve_secret: Path | None,
         allowed_keys: Path | None, verbose: bool) -> None:
     """Run the virnucpro broker: it seeds GPU workers' queues by weight and lets idle ones steal.
 
@@ -66,7 +70,8 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
     address = broker_address(bind)
     curve = (curve_secret, allowed_keys) if curve_secret and allowed_keys else None
     try:
-        server = BrokerServer(address, Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts),
+        server = BrokerServer(address, Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts,
+                                                         max_deaths=max_deaths),
                               weights, log, heartbeat_interval=heartbeat_interval, curve=curve)
     except SecurityError as exc:
         log.close()

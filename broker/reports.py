@@ -65,9 +65,15 @@ def job_report(job: Job, workers: Iterable[Worker]) -> dict[str, Any]:
         "submitted": job.submitted, "finished": job.finished,
         "makespan": job.finished - job.submitted if job.finished is not None else None,
         "lower_bound": lower_bound,
-        "failures": [{"file": t.spec.path, "attempts": list(t.attempts)} for t in job.tasks if t.state == "failed"],
+        "failures": [{"file": t.spec.path, "attempts": list(t.attempts), "deaths": list(t.deaths)}
+                     for t in job.tasks if t.state == "failed"],
         "workers": rows_out,
     }
+
+
+def failure_reasons(failure: dict[str, Any]) -> str:
+    """One line of every reason a failed file gave: its failed attempts, then the workers that died running it."""
+    return "; ".join(f"{a['worker']}: {a['reason']}" for a in [*failure["attempts"], *failure.get("deaths", [])])
 
 
 def job_progress(job: Job) -> dict[str, Any]:

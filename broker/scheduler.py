@@ -21,7 +21,10 @@ reports in broker.reports. Policy (docs/architecture.md):
 - idle workers are offered work whenever files are queued and at every tick;
 - leases: a worker silent for `worker_timeout` is dead, and its queued and
   running files go back to the living; a file that fails `max_attempts` times
-  is failed with every reason, and the job goes on.
+  is failed with every reason, and the job goes on;
+- deaths are not errors: a worker dying (or leaving) while it runs a file is
+  counted apart from the file's failed attempts, and the file fails for
+  deaths only once `max_deaths` different workers died running it.
 """
 
 from __future__ import annotations
@@ -117,11 +120,12 @@ class ExactSum:
 class Scheduler:
     """Queues, seeding, stealing, backup copies, leases and retries for every job the broker holds."""
 
-    def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3) -> None:
-        if worker_timeout <= 0 or max_attempts < 1:
-            raise ValueError("worker_timeout must be > 0 and max_attempts >= 1")
+    def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3, max_deaths: int = 5) -> None:
+        if worker_timeout <= 0 or max_attempts < 1 or max_deaths < 1:
+            raise ValueError("worker_timeout must be > 0, max_attempts >= 1 and max_deaths >= 1")
         self.worker_timeout = worker_timeout
         self.max_attempts = max_attempts
+        self.max_deaths = max_deaths
         self.workers: dict[str, Worker] = {}
         self.jobs: dict[str, Job] = {}
         self.tasks: dict[str, Task] = {}
@@ -588,12 +592,27 @@ class Scheduler:
         if task.running_on:
             return []  # another copy is still running
         if len(task.attempts) >= self.max_attempts:
-            task.state = "failed"
-            task.job.failed += 1
-            out: list[Instruction] = [Notice(f"{task.spec.path} failed after {len(task.attempts)} attempts")]
-            return out + self._maybe_finish(task.job, now)
+            return self._fail_task(task, f"failed after {len(task.attempts)} attempts", now)
         self._distribute([task], now, weights_from="speed")
         return [Notice(f"{task.spec.path} failed on {worker.name} ({reason}); queued for another worker")]
+
+    def _died_running(self, task: Task, worker: Worker, reason: str, now: float) -> list[Instruction]:
+        """`worker` died (or left) while running `task`: a death, counted apart from the file's attempts."""
+        task.deaths += ({"worker": worker.name, "reason": reason},)
+        task.died_on |= {worker.id}
+        if task.running_on:
+            return []  # another copy is still running
+        if len(task.died_on) >= self.max_deaths:
+            return self._fail_task(task, f"failed: {len(task.died_on)} different workers died running it", now)
+        self._distribute([task], now, weights_from="speed")
+        return [Notice(f"{task.spec.path}: {reason}; queued again (death {len(task.died_on)} of {self.max_deaths} "
+                       "allowed)")]
+
+    def _fail_task(self, task: Task, why: str, now: float) -> list[Instruction]:
+        task.state = "failed"
+        task.job.failed += 1
+        out: list[Instruction] = [Notice(f"{task.spec.path} {why}")]
+        return out + self._maybe_finish(task.job, now)
 
     def _on_left(self, event: WorkerLeft) -> list[Instruction]:
         worker = self.workers.get(event.worker)
@@ -638,10 +657,11 @@ class Scheduler:
     def _take_out(self, worker: Worker, now: float, reason: str | None) -> list[Instruction]:
         """Take a worker out of service and give its files to the living.
 
-        `reason` is recorded as a failed attempt of the file it was running, so
-        a file that kills every worker it touches ends as failed; None (a
-        reconnect) queues that file again without counting an attempt. Either
-        way the worker's late result for it is still accepted.
+        `reason` is recorded as a death on the file it was running (not a failed
+        attempt), so a file that kills every worker it touches ends as failed
+        after `max_deaths` of them; None (a reconnect) queues that file again
+        without counting anything. Either way the worker's late result for it
+        is still accepted.
         """
         out: list[Instruction] = []
         running = self._end_copy(worker, now) if worker.running is not None else None
@@ -657,7 +677,7 @@ class Scheduler:
                     if not running.running_on:
                         self._distribute([running], now, weights_from="speed")
                 else:
-                    out += self._attempt_failed(running, worker, reason, now)
+                    out += self._died_running(running, worker, reason, now)
         return out
 
     def _on_submitted(self, event: JobSubmitted) -> list[Instruction]:

@@ -28,7 +28,9 @@ class Task:
     lost_to: frozenset[str] = frozenset()  # workers taken out while running it; their result still counts
     revoked: frozenset[str] = frozenset()  # workers told to drop their copy; their result is discarded
     excluded: frozenset[str] = frozenset()  # workers it failed on
-    attempts: tuple[dict[str, str], ...] = ()
+    attempts: tuple[dict[str, str], ...] = ()  # stage errors: {"worker": name, "reason": why}
+    died_on: frozenset[str] = frozenset()  # workers that died (or left) while running it
+    deaths: tuple[dict[str, str], ...] = ()  # those deaths: {"worker": name, "reason": why}; not attempts
     # Fixed at creation, read at every decision: plain attributes rather than properties.
     cost: int = field(init=False)  # its residues
     key: tuple[int, int, int, str] = field(init=False)  # queue order: older job first, then largest file first

@@ -295,8 +295,8 @@ def test_dead_workers_queued_and_running_files_go_back_to_the_living(steal):
     assert ran_by(d.history, "a") == ["j:0"]
 
 
-def test_running_file_of_dead_worker_counts_as_failed_attempt_naming_the_worker():
-    d = Driver(worker_timeout=10.0, max_attempts=1)
+def test_running_file_of_dead_worker_counts_as_a_death_naming_the_worker_not_an_attempt():
+    d = Driver(worker_timeout=10.0, max_attempts=1, max_deaths=1)
     d.join("gpu-a")
     d.join("gpu-b")
     d.submit("j", [400, 300], weighted=False, steal=False)
@@ -309,9 +309,10 @@ def test_running_file_of_dead_worker_counts_as_failed_attempt_naming_the_worker(
     assert report["failed"] == 1 and report["done"] == 1
     (failure,) = report["failures"]
     assert failure["file"] == "j-0.fa"
-    (attempt,) = failure["attempts"]
-    assert attempt["worker"] == "gpu-a"
-    assert "gpu-a" in attempt["reason"]
+    assert failure["attempts"] == []
+    (death,) = failure["deaths"]
+    assert death["worker"] == "gpu-a"
+    assert "gpu-a" in death["reason"]
 
 
 def dead_while_running() -> Driver:
@@ -351,14 +352,14 @@ def test_late_success_from_dead_worker_is_discarded_as_duplicate_when_file_alrea
 
 
 def test_late_success_revives_a_file_failed_by_its_workers_death_while_the_job_runs():
-    d = Driver(worker_timeout=10.0, max_attempts=1)
+    d = Driver(worker_timeout=10.0, max_deaths=1)
     d.join("a")
     d.join("b")
     d.submit("j", [500, 400], weighted=False, steal=False)
     d.request("a")  # a runs j:0
     d.request("b")  # b runs j:1
     d.heartbeat("b", "j:1", at=6.0)
-    d.tick(at=11.0)  # a dead; with one attempt allowed, j:0 is failed
+    d.tick(at=11.0)  # a dead; with one death allowed, j:0 is failed
     assert d.scheduler.jobs["j"].failed == 1
     d.succeed("a", "j:0", 11.5, at=11.5)
     report = only_report(d.succeed("b", "j:1", 12.0, at=12.0))
@@ -370,7 +371,7 @@ def test_file_failed_by_the_death_of_the_only_worker_is_retried_when_it_register
     d.join("a")
     d.submit("j", [100])
     assert [x.task for x in assigns(d.request("a"))] == ["j:0"]
-    d.tick(at=11.0)  # a declared dead: attempt 1 of 3, and no living worker, so j:0 waits unowned
+    d.tick(at=11.0)  # a declared dead: death 1 of 5, and no living worker, so j:0 waits unowned
     assert d.heartbeat("a", at=12.0) == [Reregister("a")]
     d.join("a", at=12.0)
     assert [(x.worker, x.task) for x in assigns(d.request("a", at=12.0))] == [("a", "j:0")]
@@ -387,10 +388,10 @@ def test_late_failure_from_dead_worker_is_not_a_second_attempt_for_the_same_run(
     assert [(x.worker, x.task) for x in assigns(d.tick(at=11.0))] == [("b", "j:0")]  # run 2
     d.fail("a", "j:0", "CUDA out of memory", at=12.0)  # the outcome of run 1, arriving late
     out = d.fail("b", "j:0", "CUDA out of memory", at=13.0)
-    # Two runs failed, max_attempts is 3: the file gets a third run instead of being failed.
+    # Run 1 ended in a death (not an attempt), run 2 in one failed attempt: the file runs again.
     assert finished(out) == []
     assert [(x.worker, x.task) for x in assigns(d.request("b", at=13.0))] == [("b", "j:0")]
-    assert len(d.scheduler.tasks["j:0"].attempts) == 2
+    assert len(d.scheduler.tasks["j:0"].attempts) == 1 and len(d.scheduler.tasks["j:0"].deaths) == 1
 
 
 def test_request_from_worker_thought_busy_gives_it_that_file_again():
@@ -447,13 +448,66 @@ def test_worker_left_hands_its_files_over_immediately():
     assert report["done"] == 3
 
 
-def test_worker_left_records_its_running_file_as_an_attempt():
-    d = Driver(max_attempts=1)
+def test_worker_left_records_its_running_file_as_a_death():
+    d = Driver(max_deaths=1)
     d.join("a")
     d.submit("j", [400])
     d.request("a")
     report = only_report(d.left("a", at=1.0))
-    assert report["failures"][0]["attempts"][0]["reason"] == "worker left while running it"
+    assert report["failures"][0]["attempts"] == []
+    assert report["failures"][0]["deaths"][0]["reason"] == "worker left while running it"
+
+
+def test_deaths_never_use_up_a_files_attempts():
+    """Two deaths and two stage errors, with 3 attempts and 5 deaths allowed: the file still runs and is done."""
+    d = Driver(worker_timeout=10.0, max_attempts=3, max_deaths=5)
+    for w in ("a", "b", "c", "d", "e"):
+        d.join(w)
+    d.submit("j", [400], steal=False)
+    for worker in ("a", "b"):
+        (given,) = assigns(d.request(worker))
+        d.left(worker)
+    for worker in ("c", "d"):
+        (given,) = assigns(d.request(worker))
+        d.fail(worker, given.task, "CUDA error")
+    (given,) = assigns(d.request("e"))
+    report = only_report(d.succeed("e", given.task, 1.0))
+    assert report["done"] == 1 and report["failed"] == 0 and report["failures"] == []
+    task = d.scheduler.tasks["j:0"]
+    assert [a["worker"] for a in task.attempts] == ["c", "d"]
+    assert [x["worker"] for x in task.deaths] == ["a", "b"]
+
+
+def test_file_fails_for_deaths_only_after_max_deaths_different_workers_died_on_it():
+    d = Driver(worker_timeout=10.0, max_attempts=1, max_deaths=3)
+    for w in ("a", "b", "c", "d"):
+        d.join(w)
+    d.submit("j", [400], steal=False)
+    out: list = []
+    for worker in ("a", "b", "c"):
+        assert finished(out) == []
+        (given,) = assigns(d.request(worker))
+        out = d.left(worker)
+    report = only_report(out)
+    (failure,) = report["failures"]
+    assert [x["worker"] for x in failure["deaths"]] == ["a", "b", "c"] and failure["attempts"] == []
+    assert assigns(d.request("d")) == []
+
+
+def test_the_same_worker_dying_twice_on_a_file_counts_as_one_of_the_different_workers():
+    d = Driver(worker_timeout=10.0, max_deaths=2)
+    d.join("a")
+    d.submit("j", [100])
+    d.request("a")
+    d.tick(at=11.0)  # a declared dead while running j:0
+    d.join("a", at=12.0)
+    assert [x.task for x in assigns(d.request("a", at=12.0))] == ["j:0"]
+    d.left("a", at=13.0)  # the same worker dies on it again: still one worker
+    assert d.scheduler.jobs["j"].failed == 0
+    d.join("b", at=14.0)
+    assert [x.task for x in assigns(d.request("b", at=14.0))] == ["j:0"]
+    report = only_report(d.left("b", at=15.0))
+    assert report["failed"] == 1 and len(report["failures"][0]["deaths"]) == 3
 
 
 def test_heartbeat_saying_idle_after_grace_puts_the_assigned_file_back():
@@ -917,14 +971,16 @@ def check_every_file_done_exactly_once_or_failed(scenario, exact_attempts: bool 
         report = result.reports[job.id]
         done = Counter(r.file for r in result.task_done if r.job == job.id)
         failed = {f["file"]: f["attempts"] for f in report["failures"]}
+        deaths = {f["file"]: f["deaths"] for f in report["failures"]}
         for index in range(len(job.costs)):
             path = f"{job.id}-{index}.fa"
             assert done[path] + (path in failed) == 1, (path, done[path], failed.get(path))
             if index in job.poison:
                 assert path in failed
                 assert len(failed[path]) == 3 if exact_attempts else len(failed[path]) >= 3
-            elif path in failed:  # only deaths can fail a good file
-                assert all(a["worker"] in died for a in failed[path])
+            elif path in failed:  # only deaths can fail a good file, and never as attempts
+                assert failed[path] == [] and len({x["worker"] for x in deaths[path]}) >= 1
+                assert all(x["worker"] in died for x in deaths[path])
         assert report["done"] + report["failed"] == len(job.costs)
         assert report["done"] == sum(done.values())
         if not job.steal:

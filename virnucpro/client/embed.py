@@ -18,6 +18,7 @@ from rich.table import Table
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
 from broker.protocol import ErrorCode
+from broker.reports import failure_reasons
 from broker.security import SecurityError
 from virnucpro.atomic import write_text_atomically
 from virnucpro.pipeline.fasta import FastaError, fasta_stats
@@ -255,7 +256,7 @@ def embed(
     path = write_report(plan, report, address)
     failures = (report or {}).get("failures", [])
     for failure in failures:
-        reasons = "; ".join(f"{a['worker']}: {a['reason']}" for a in failure["attempts"])
+        reasons = failure_reasons(failure)
         console.print(f"[red]failed:[/red] {escape(failure['file'])} ({escape(reasons)})")
     console.print(f"report: {path}")
     return EXIT_PARTIAL if failures else EXIT_OK

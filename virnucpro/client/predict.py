@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
+from broker.reports import failure_reasons
 from virnucpro.client.embed import (
     EXIT_ERROR,
     EXIT_OK,
@@ -84,7 +85,7 @@ def embed_stages(client: BrokerClient, plans: Sequence[Plan], options: PredictOp
         console.print(summary_line(report))
         write_report(plan, report, client.address)
         for failure in report["failures"]:
-            failures[failure["file"]] = "; ".join(f"{a['worker']}: {a['reason']}" for a in failure["attempts"])
+            failures[failure["file"]] = failure_reasons(failure)
     return failures
 
 
