@@ -81,6 +81,8 @@ class Heartbeat:
     task: str | None
     now: float
     gauges: dict[str, float] | None = None
+    # Units of work (batches) the running task has begun; it grows while the task works. None: not reported.
+    progress: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,15 @@ class Assign:
 
 @dataclass(frozen=True)
 class Revoke:
-    """Tell `worker` to stop running `task` (its job was cancelled, or another copy of the file finished first)."""
+    """Tell `worker` to stop running `task` (its job was cancelled, or another copy of the file finished first).
+
+    `abandon`: the task showed no progress for the task timeout, so it may be blocked where it cannot see the
+    revoke (a read that never returns); if it does not stop soon, the worker must restart itself.
+    """
 
     worker: str
     task: str
+    abandon: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ reports in broker.reports. Policy (docs/architecture.md):
 - leases: a worker silent for `worker_timeout` is dead, and its queued and
   running files go back to the living; a file that fails `max_attempts` times
   is failed with every reason, and the job goes on;
+- task timeouts: a running file whose worker reports no progress for the task
+  timeout fails on that worker (an attempt) and is revoked with `abandon`;
+  until the worker shows it let go, it gets no work and its queue goes to
+  the others at once;
 - deaths are not errors: a worker dying (or leaving) while it runs a file is
   counted apart from the file's failed attempts, and the file fails for
   deaths only once `max_deaths` different workers died running it.
@@ -80,6 +84,13 @@ OVERDUE_MARGIN = 60.0
 DEAF_SHARE = 0.5
 # Ended jobs kept for status and late results; older ones are forgotten so a long-lived broker stays small.
 KEEP_ENDED_JOBS = 100
+# Without --task-timeout: a model stage's file may show no progress for this long before it fails on its worker;
+# a synthetic file (no model: a stand-in whose time is known) for this many times its predicted time, at least
+# MIN_SYNTHETIC_TIMEOUT seconds (its progress is seen only at heartbeats).
+MODEL_TASK_TIMEOUT = 30 * 60.0
+SYNTHETIC_STAGE = "synthetic"
+SYNTHETIC_TIMEOUT_FACTOR = 10.0
+MIN_SYNTHETIC_TIMEOUT = 30.0
 
 
 class InvariantError(AssertionError):
@@ -120,10 +131,12 @@ class ExactSum:
 class Scheduler:
     """Queues, seeding, stealing, backup copies, leases and retries for every job the broker holds."""
 
-    def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3, max_deaths: int = 5) -> None:
-        if worker_timeout <= 0 or max_attempts < 1 or max_deaths < 1:
-            raise ValueError("worker_timeout must be > 0, max_attempts >= 1 and max_deaths >= 1")
+    def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3, max_deaths: int = 5,
+                 task_timeout: float | None = None) -> None:
+        if worker_timeout <= 0 or max_attempts < 1 or max_deaths < 1 or task_timeout is not None and task_timeout <= 0:
+            raise ValueError("worker_timeout and task_timeout must be > 0, max_attempts and max_deaths >= 1")
         self.worker_timeout = worker_timeout
+        self.task_timeout = task_timeout  # None: per stage (MODEL_TASK_TIMEOUT, or from the synthetic prediction)
         self.max_attempts = max_attempts
         self.max_deaths = max_deaths
         self.workers: dict[str, Worker] = {}
@@ -201,6 +214,7 @@ class Scheduler:
         else:
             del group[worker.id]
             self._waiting.pop(worker.id, None)
+            worker.stuck = None
         if worker.speed:
             (self._measured_speed.add if alive else self._measured_speed.remove)(worker.speed)
             (self._measured_weight.add if alive else self._measured_weight.remove)(worker.weight)
@@ -319,7 +333,8 @@ class Scheduler:
             self.unowned.discard(task.key)
 
     def capable(self, stage: str) -> list[Worker]:
-        return [w for w in self.workers.values() if w.alive and stage in w.stages]
+        """The living workers that serve `stage`, less those still stuck in a file they were told to abandon."""
+        return [w for w in self.workers.values() if w.alive and stage in w.stages and w.stuck is None]
 
     def _distribute(self, tasks: Iterable[Task], now: float, weights_from: str) -> None:
         """Pack queued tasks onto capable living workers, on top of what they already hold.
@@ -380,6 +395,7 @@ class Scheduler:
     def _start_copy(self, worker: Worker, task: Task, now: float) -> None:
         worker.running = task.id
         worker.running_since = now
+        worker.progress, worker.progress_at = None, now
         task.state = "running"
         task.running_on |= {worker.id}
         self._reindex(worker)
@@ -442,6 +458,7 @@ class Scheduler:
             self.count("request from unknown worker")
             return [Reregister(event.worker)]
         worker.last_seen = event.now
+        worker.stuck = None  # it asks for work, so it runs nothing
         out: list[Instruction] = []
         if worker.running is not None:
             # It asks for work, so it is not running what we think it runs.
@@ -460,6 +477,12 @@ class Scheduler:
             return [Reregister(event.worker)]
         worker.last_seen = event.now
         worker.gauges = event.gauges
+        if worker.stuck is not None and event.task != worker.stuck:
+            worker.stuck = None  # it let go of the file it was told to abandon
+        if worker.running is not None and event.task == worker.running and event.progress is not None:
+            if event.progress != (worker.progress or 0):  # the worker counts each task's progress from 0
+                worker.progress_at = event.now
+            worker.progress = event.progress
         if (
             worker.running is not None
             and event.task != worker.running
@@ -502,6 +525,8 @@ class Scheduler:
         elif worker.id in task.revoked:
             task.revoked -= {worker.id}
             copy = "revoked"
+            if worker.stuck == task.id:
+                worker.stuck = None  # the file it was told to abandon did end
         else:
             return None
         if worker.alive:
@@ -633,6 +658,7 @@ class Scheduler:
                 out.append(Notice(f"worker {worker.name} silent for {quiet:.1f} s: declared dead"))
                 out += self._take_out(worker, now, reason=f"worker {worker.name} died (silent {quiet:.0f} s)")
         out += self._find_overdue(now)
+        out += self._time_out_stalled(now)
         self._offer_all = True  # time passing opens steals and backup copies that were not worth it before
         return out
 
@@ -652,6 +678,45 @@ class Scheduler:
             task = self.tasks[worker.running]
             out.append(Notice(f"{task.spec.path} is overdue on {worker.name}: running for "
                               f"{now - worker.running_since:.0f} s, predicted {end - worker.running_since:.0f} s"))
+        return out
+
+    def task_timeout_of(self, worker: Worker, task: Task, scale: float | None = None) -> float:
+        """Seconds `task` may show no progress on `worker` before it fails there."""
+        if self.task_timeout is not None:
+            return self.task_timeout
+        if task.job.stage != SYNTHETIC_STAGE:
+            return MODEL_TASK_TIMEOUT
+        predicted = task.cost / self.speed_of(worker, scale)
+        return max(SYNTHETIC_TIMEOUT_FACTOR * predicted, MIN_SYNTHETIC_TIMEOUT)
+
+    def _time_out_stalled(self, now: float) -> list[Instruction]:
+        """Fail each running file whose worker reports no progress for its task timeout, and revoke it there.
+
+        Only workers that report progress are timed out. The worker is told to
+        abandon the file; until it shows it did (a heartbeat naming another
+        task or none, a request, the revoked file's result) it gets no work,
+        and the files queued for it go to the other workers now.
+        """
+        out: list[Instruction] = []
+        scale = self.scale()
+        stalled = [
+            w for w in self.workers.values()
+            if w.running is not None and w.progress is not None
+            and now - w.progress_at > self.task_timeout_of(w, self.tasks[w.running], scale)
+        ]
+        for worker in stalled:
+            timeout = self.task_timeout_of(worker, self.tasks[worker.running or ""], scale)
+            task = self._end_copy(worker, now)
+            task.revoked |= {worker.id}
+            worker.stuck = task.id
+            out.append(Revoke(worker.id, task.id, abandon=True))
+            queued = [self.tasks[key[-1]] for key in worker.queue]
+            for other in queued:
+                self._dequeue(other)
+            self._distribute(queued, now, weights_from="speed")
+            reason = f"no progress for {timeout:.0f} s (task timeout, --task-timeout); abandoned"
+            out.append(Notice(f"{task.spec.path} on {worker.name}: {reason}"))
+            out += self._attempt_failed(task, worker, reason, now)
         return out
 
     def _take_out(self, worker: Worker, now: float, reason: str | None) -> list[Instruction]:
@@ -1003,6 +1068,10 @@ class Scheduler:
                     raise InvariantError(
                         f"running copies: worker {worker.id} runs {worker.running}, which has no copy on it"
                     )
+            if worker.stuck is not None and (not worker.alive or worker.running is not None or worker.queue
+                                             or worker.id in self._waiting):
+                raise InvariantError(f"stuck workers: {worker.id} is stuck in {worker.stuck} but is dead, runs, "
+                                     "queues or waits")
             if any(job_id not in self.jobs for job_id in worker.per_job):
                 raise InvariantError(f"worker stats: {worker.id} keeps figures of a forgotten job")
         overdue = {w.id for w in self.workers.values() if w.overdue}

@@ -69,6 +69,10 @@ class Worker:
     finish_key: tuple[float, str] | None = None  # its entry in Scheduler._finishers
     running_key: tuple[float, str] | None = None  # its entry in Scheduler._running_ends
     overdue: bool = False  # its running file is overdue (found at a tick)
+    # The running file's progress as its heartbeats report it (None until one does) and when it last grew.
+    progress: int | None = None
+    progress_at: float = 0.0
+    stuck: str | None = None  # a task it was told to abandon (no progress) and may still be blocked in
     done_files: int = 0
     steals_in: int = 0
     steals_out: int = 0

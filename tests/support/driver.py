@@ -90,8 +90,9 @@ class Driver:
     def fail(self, worker: str, task: str, reason: str = "boom", at: float | None = None) -> list[Any]:
         return self._feed(TaskFailed(worker=worker, task=task, reason=reason, now=self._at(at)))
 
-    def heartbeat(self, worker: str, task: str | None = None, at: float | None = None) -> list[Any]:
-        return self._feed(Heartbeat(worker=worker, task=task, now=self._at(at)))
+    def heartbeat(self, worker: str, task: str | None = None, at: float | None = None,
+                  progress: int | None = None) -> list[Any]:
+        return self._feed(Heartbeat(worker=worker, task=task, now=self._at(at), progress=progress))
 
     def left(self, worker: str, at: float | None = None) -> list[Any]:
         return self._feed(WorkerLeft(worker=worker, now=self._at(at)))
