@@ -37,6 +37,11 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
 @click.option("--max-deaths", type=click.IntRange(min=1), default=5, show_default=True,
               help="Different workers that may die (or leave) while running a file before it is reported failed; "
                    "deaths are not counted as failed attempts.")
+@click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
+              help="Seconds a running file may show no progress (its worker's heartbeats count batches) before it "
+                   "fails on that worker, which abandons it (or restarts itself if it cannot) while the files "
+                   "queued for it go to other workers [default: 1800 for model stages; for the synthetic stage "
+                   "10x the file's predicted time, at least 30].")
 @click.option("--curve-secret", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The broker's secret certificate (NAME.key_secret): encrypt all traffic with CURVE.")
 @click.option("--allowed-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -45,7 +50,7 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
 @click.pass_context
 def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_weights: Path | None,
         heartbeat_interval: float, worker_timeout: float, max_attempts: int, max_deaths: int,
-        curve_secret: Path | None,
+        task_timeout: float | None, curve_secret: Path | None,
         allowed_keys: Path | None, verbose: bool) -> None:
     """Run the virnucpro broker: it seeds GPU workers' queues by weight and lets idle ones steal.
 
@@ -54,6 +59,9 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
     """
     if ctx.invoked_subcommand is not None:
         return
+    if task_timeout is not None and task_timeout <= 2 * heartbeat_interval:
+        raise click.UsageError(f"--task-timeout must exceed two heartbeat intervals ({2 * heartbeat_interval:g} s): "
+                               "progress is seen only at heartbeats")
     if (curve_secret is None) != (allowed_keys is None):
         raise click.UsageError("--curve-secret and --allowed-keys go together")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -71,7 +79,7 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
     curve = (curve_secret, allowed_keys) if curve_secret and allowed_keys else None
     try:
         server = BrokerServer(address, Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts,
-                                                         max_deaths=max_deaths),
+                                                         max_deaths=max_deaths, task_timeout=task_timeout),
                               weights, log, heartbeat_interval=heartbeat_interval, curve=curve)
     except SecurityError as exc:
         log.close()

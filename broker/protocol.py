@@ -54,7 +54,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "register": {"name": fields.text, "host": fields.text, "gpu": fields.text, "device": fields.text,
                  "stages": fields.list_of(STAGE, most=len(STAGES)), "pid": fields.count},
     "request": {},
-    "heartbeat": {"task": fields.optional(fields.string), "gauges?": GAUGES},
+    # progress: units of work (batches) the running task has begun, counted from 0 for each task.
+    "heartbeat": {"task": fields.optional(fields.string), "gauges?": GAUGES, "progress?": fields.count},
     "done": {"task": fields.text, "seconds": fields.non_negative, "sequences": fields.count,
              "residues": fields.count, "skipped": fields.flag},
     "failed": {"task": fields.text, "reason": fields.text},
@@ -71,7 +72,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
                    "heartbeat_interval": fields.positive},
     "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output": fields.text,
                "transfer?": TRANSFER},
-    "revoke": {"task": fields.text},
+    # abandon: the task showed no progress for the task timeout; a worker that cannot stop it restarts itself.
+    "revoke": {"task": fields.text, "abandon?": fields.flag},
     "reregister": {},
     "ack": {},
     # broker -> client

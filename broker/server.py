@@ -181,7 +181,9 @@ class BrokerServer:
         self._perform(self.scheduler.handle(WorkRequested(identity.hex(), time.monotonic())))
 
     def _heartbeat(self, identity: bytes, m: dict[str, Any]) -> None:
-        instructions = self.scheduler.handle(Heartbeat(identity.hex(), m["task"], time.monotonic(), m.get("gauges")))
+        instructions = self.scheduler.handle(
+            Heartbeat(identity.hex(), m["task"], time.monotonic(), m.get("gauges"), m.get("progress"))
+        )
         if not any(isinstance(i, Reregister) for i in instructions):
             self._send(identity, "ack")
         self._perform(instructions)
@@ -261,7 +263,8 @@ class BrokerServer:
                            stage=instruction.stage, path=instruction.path, output=instruction.output,
                            **({"transfer": transfer} if transfer is not None else {}))
             elif isinstance(instruction, Revoke):
-                self._send(bytes.fromhex(instruction.worker), "revoke", task=instruction.task)
+                self._send(bytes.fromhex(instruction.worker), "revoke", task=instruction.task,
+                           **({"abandon": True} if instruction.abandon else {}))
             elif isinstance(instruction, Reregister):
                 self._send(bytes.fromhex(instruction.worker), "reregister")
             elif isinstance(instruction, Log):

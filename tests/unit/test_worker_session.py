@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from broker import protocol
 from virnucpro.worker.session import (
+    ABANDON_GRACE,
     MAX_REASON,
     REGISTER_RETRY,
     UNSENT_RETRY,
@@ -20,6 +21,7 @@ from virnucpro.worker.session import (
     Log,
     MessageReceived,
     Reconnect,
+    Restart,
     Send,
     SendFailed,
     SendHeartbeat,
@@ -334,7 +336,7 @@ def test_stopping_before_registration_sends_nothing():
 
 broker_messages = st.one_of(
     st.builds(lambda t: ("assign", assignment(t)), st.sampled_from(["t1", "t2", "t3"])),
-    st.builds(lambda t: ("revoke", {"task": t}), st.sampled_from(["t1", "t2", "t3"])),
+    st.builds(lambda t, a: ("revoke", {"task": t, "abandon": a}), st.sampled_from(["t1", "t2", "t3"]), st.booleans()),
     st.just(("registered", {"worker": "ab", "name": "n", "weight": 1.0, "heartbeat_interval": 0.5})),
     st.just(("reregister", {})),
     st.just(("ack", {})),
@@ -380,5 +382,42 @@ def test_whatever_the_broker_says_one_file_runs_at_a_time_and_no_timer_is_left_o
             if isinstance(instruction, CancelTask):
                 assert instruction.task == running
         assert w.session.task == running
+        if Restart() in out:
+            assert out[-1] == Restart()  # the shell replaces the process: nothing may follow
+            return
         w.tick()
         assert w.session.deadline() > w.now, "a timer is still due after a tick: the shell would spin"
+
+
+# ----------------------------------------------------------------- abandon
+
+
+def test_an_abandoned_task_that_stops_in_time_is_reported_revoked_and_the_worker_carries_on():
+    w = ready_worker()
+    w.assign("t1")
+    assert CancelTask("t1") in w.hear("revoke", task="t1", abandon=True)
+    out = w.at(ABANDON_GRACE - 1).feed(TaskCancelled("t1", w.now))
+    assert sends(out) == ["failed", "request"]
+    w.at(ABANDON_GRACE + 1)
+    assert Restart() not in w.tick()
+
+
+def test_an_abandoned_task_still_running_after_the_grace_makes_the_worker_say_bye_and_restart():
+    w = ready_worker()
+    w.assign("t1")
+    w.at(3.0).hear("revoke", task="t1", abandon=True)
+    assert w.session.deadline() <= 3.0 + ABANDON_GRACE
+    w.at(3.0 + ABANDON_GRACE - 0.1).hear("ack")
+    assert Restart() not in w.tick()
+    out = w.at(3.0 + ABANDON_GRACE).tick()
+    assert not_logs(out) == [Send("bye"), Restart()]
+    assert any(isinstance(i, Log) and "restarting" in i.text for i in out)
+
+
+def test_a_plain_revoke_never_restarts_the_worker_however_long_the_task_takes_to_stop():
+    w = ready_worker()
+    w.assign("t1")
+    w.hear("revoke", task="t1")
+    for second in range(1, 120):
+        w.at(float(second)).hear("ack")
+        assert Restart() not in w.tick()

@@ -7,6 +7,17 @@ to send and when is decided by the session core
 (virnucpro.worker.session); this shell only moves bytes, starts and cancels
 the task thread, and sleeps until the session's next timer, a message, or
 the end of the running file, whichever comes first.
+
+Progress: the task thread asks `should_stop` between units of work (each
+batch of a model, each wait of the synthetic stage, each transfer step);
+each ask counts, and heartbeats carry the running task's count so the broker
+can tell a working file from a stuck one. A file the broker tells us to
+abandon that does not stop (its thread blocked in a system call, such as a
+read of a FIFO nobody writes) makes the session ask for a Restart: the
+worker says goodbye and replaces itself with a fresh copy of the same
+command (os.execv, same pid), which kills the stuck thread with the rest of
+the old process; a supervisor (`worker --gpus`) sees nothing but the new
+registration.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -41,6 +53,7 @@ from virnucpro.worker.session import (
     Log,
     MessageReceived,
     Reconnect,
+    Restart,
     Send,
     SendFailed,
     SendHeartbeat,
@@ -70,12 +83,14 @@ class Worker:
              "stages": sorted(backends), "pid": os.getpid()},
             broker_timeout=config.broker_timeout, address=config.broker,
         )
-        self._context: zmq.Context = zmq.Context.instance()
+        # Its own context, so a restart can flush the goodbye without waiting on sockets a stuck task holds.
+        self._context: zmq.Context = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._poller = zmq.Poller()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task")
         self._future: Future | None = None
         self._cancel = threading.Event()
+        self._progress = 0  # how often the running task asked whether to stop: its units of work begun
         self._stop = threading.Event()
         self._gauges = nvml_gauges_for(config.device)
         # The task thread and `stop` write a byte here to wake the loop at once.
@@ -152,7 +167,8 @@ class Worker:
             self._send(instruction.kind, instruction.fields)
         elif isinstance(instruction, SendHeartbeat):
             gauges = self._gauges() if self._gauges else None
-            self._send("heartbeat", {"task": instruction.task, **({"gauges": gauges} if gauges else {})})
+            progress = {"progress": self._progress} if instruction.task is not None else {}
+            self._send("heartbeat", {"task": instruction.task, **progress, **({"gauges": gauges} if gauges else {})})
         elif isinstance(instruction, StartTask):
             self._start(instruction.assignment)
         elif isinstance(instruction, CancelTask):
@@ -161,6 +177,23 @@ class Worker:
             self._connect()
         elif isinstance(instruction, Log):
             logger.log(instruction.level, "%s", instruction.text)
+        elif isinstance(instruction, Restart):
+            self._restart()
+
+    def _restart(self) -> None:
+        """Replace this process with a fresh run of the same command; the stuck task thread goes with it."""
+        if self._socket is not None:
+            self._socket.close(linger=500)  # the goodbye just sent, if the broker is there to take it
+            self._socket = None
+        self._context.term()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        except OSError as exc:
+            sys.stderr.write(f"virnucpro worker: cannot restart itself ({exc}); exiting\n")
+            os._exit(1)
 
     def _send(self, kind: str, fields: dict[str, Any]) -> None:
         assert self._socket is not None
@@ -174,17 +207,24 @@ class Worker:
     def _start(self, assignment: dict[str, Any]) -> None:
         # A fresh flag per task: a revoke that arrives late can never stop the next file.
         self._cancel = threading.Event()
+        self._progress = 0
         self._future = self._executor.submit(self._execute, assignment, self._cancel)
         self._future.add_done_callback(lambda _: self._wake())
 
     def _execute(self, assignment: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
         """Run one file (on the task thread); the result's fields are those of a `done` message."""
+
+        def should_stop() -> bool:
+            if cancel is self._cancel:  # a task abandoned, whose thread came back late, counts for nothing
+                self._progress += 1
+            return cancel.is_set()
+
         backend = self.backends.get(assignment["stage"])
         if backend is None:
             raise WorkerSetupError(f"this worker does not serve the {assignment['stage']} stage")
         transfer = assignment.get("transfer")
         if transfer is not None and not sees_client_files(transfer):
-            return run_remote(assignment, backend, cancel.is_set)
+            return run_remote(assignment, backend, should_stop)
         output = Path(assignment["output"])
         if is_complete(output):
             logger.info("%s: output already complete, skipped", output)
@@ -193,7 +233,7 @@ class Worker:
         temporary = output.with_name(f".{output.name}.{self.identity.hex()[:8]}.tmp")
         started = time.monotonic()
         try:
-            sequences, residues = backend.run(Path(assignment["path"]), temporary, cancel.is_set)
+            sequences, residues = backend.run(Path(assignment["path"]), temporary, should_stop)
             seconds = time.monotonic() - started
             first = publish(temporary, output)
         finally:
@@ -221,6 +261,7 @@ class Worker:
         if self._socket is not None:
             self._socket.close(linger=500)
             self._socket = None
+        self._context.term()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._wake_reader.close()
         self._wake_writer.close()

@@ -28,6 +28,10 @@ DEFAULT_HEARTBEAT_INTERVAL = 1.0
 # Longest failure reason reported (the protocol allows 4096 characters).
 MAX_REASON = 2000
 REVOKED = "revoked by the broker"
+# A task the broker told us to abandon (it showed no progress for the task timeout) that has not stopped this
+# long after: its thread is blocked where it cannot see the revoke (a read that never returns), so the worker
+# leaves service and restarts itself.
+ABANDON_GRACE = 5.0
 
 # ----------------------------------------------------------------- events
 
@@ -145,7 +149,12 @@ class Log:
     text: str
 
 
-Instruction = Send | SendHeartbeat | StartTask | CancelTask | Reconnect | Log
+@dataclass(frozen=True)
+class Restart:
+    """Leave service and start this worker afresh: its task thread is stuck and cannot be stopped."""
+
+
+Instruction = Send | SendHeartbeat | StartTask | CancelTask | Reconnect | Log | Restart
 
 
 class WorkerSession:
@@ -166,6 +175,7 @@ class WorkerSession:
         self._last_heard = 0.0
         self._last_heartbeat = -math.inf
         self._waiting_logged = False
+        self._abandon_by = math.inf  # when a task told to abandon must have stopped
 
     @property
     def task(self) -> str | None:
@@ -177,8 +187,9 @@ class WorkerSession:
         if not self._connected:
             return math.inf
         if not self.registered:
-            return self._register_due
-        return min(self._last_heartbeat + self.heartbeat_interval, self._last_heard + self.broker_timeout)
+            return min(self._register_due, self._abandon_by)
+        return min(self._last_heartbeat + self.heartbeat_interval, self._last_heard + self.broker_timeout,
+                   self._abandon_by)
 
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what the shell must do, in order."""
@@ -213,6 +224,8 @@ class WorkerSession:
     # ------------------------------------------------------------ timers
 
     def _on_tick(self, now: float) -> list[Instruction]:
+        if now >= self._abandon_by:
+            return self._restart(now)
         if not self._connected:
             return []
         if not self.registered:
@@ -271,8 +284,24 @@ class WorkerSession:
         if kind == "revoke":
             if message["task"] != self.task:
                 return []
+            if message.get("abandon"):
+                self._abandon_by = min(self._abandon_by, now + ABANDON_GRACE)
+                return [Log(logging.WARNING, f"task {message['task']} showed no progress for the broker's task "
+                                             "timeout; abandoning it"), CancelTask(message["task"])]
             return [Log(logging.INFO, f"task {message['task']} revoked"), CancelTask(message["task"])]
         return []
+
+    def _restart(self, now: float) -> list[Instruction]:
+        """The task told to abandon is still running: say goodbye and start afresh."""
+        self._abandon_by = math.inf
+        out: list[Instruction] = [Log(logging.ERROR, f"task {self.task} did not stop within {ABANDON_GRACE:g} s of "
+                                                     "being abandoned (blocked in a system call?); restarting "
+                                                     "this worker")]
+        if self.registered:
+            out.append(Send("bye"))
+            self.registered = False
+        self._connected = False
+        return [*out, Restart()]
 
     # ------------------------------------------------------------- tasks
 
@@ -280,6 +309,7 @@ class WorkerSession:
         if self.running is None or self.running["task"] != task:
             raise ValueError(f"task {task} ended, but the task running is {self.task}")
         ended, self.running = self.running, None
+        self._abandon_by = math.inf
         return ended
 
     def _ask_for_work(self) -> list[Instruction]:
