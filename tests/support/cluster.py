@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from virnucpro.client.local import LocalCluster, free_loopback_address
 from virnucpro.processes import command
@@ -21,12 +22,13 @@ free_address = free_loopback_address
 class Cluster(LocalCluster):
     """A broker with short leases, synthetic workers, and readers for its log and status."""
 
-    def __init__(self, directory: Path, worker_timeout: float = 1.5, heartbeat: float = 0.2) -> None:
+    def __init__(self, directory: Path, worker_timeout: float = 1.5, heartbeat: float = 0.2,
+                 broker_options: tuple[str, ...] = ()) -> None:
         super().__init__(directory)
         self.directory = directory
         self.log = directory / "throughput.jsonl"
         self.start_broker("--throughput-log", str(self.log), "--heartbeat-interval", str(heartbeat),
-                          "--worker-timeout", str(worker_timeout))
+                          "--worker-timeout", str(worker_timeout), *broker_options)
 
     def add_worker(self, name: str, speed: float, gpu: str = "NVIDIA GeForce RTX 3090") -> subprocess.Popen:
         child = self.start_worker(name, "--synthetic-speed", str(speed), "--gpu-name", gpu, "--broker-timeout", "5")
@@ -61,7 +63,7 @@ class Cluster(LocalCluster):
 
 
 @contextmanager
-def cluster(directory: Path, **options: float) -> Iterator[Cluster]:
+def cluster(directory: Path, **options: Any) -> Iterator[Cluster]:
     running = Cluster(directory, **options)
     try:
         yield running
