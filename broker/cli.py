@@ -42,6 +42,11 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
                    "fails on that worker, which abandons it (or restarts itself if it cannot) while the files "
                    "queued for it go to other workers [default: 1800 for model stages; for the synthetic stage "
                    "10x the file's predicted time, at least 30].")
+@click.option("--forget-after", type=click.FloatRange(min=0, min_open=True), default=3600.0, show_default=True,
+              metavar="S", help="Seconds after which a dead worker's record is forgotten (once no job the broker "
+                                "keeps counts files it ran).")
+@click.option("--max-queued-tasks", type=click.IntRange(min=1), default=1_000_000, show_default=True, metavar="N",
+              help="Unfinished files of open jobs the broker holds at most; a submission past it gets an error.")
 @click.option("--curve-secret", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The broker's secret certificate (NAME.key_secret): encrypt all traffic with CURVE.")
 @click.option("--allowed-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -50,7 +55,7 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
 @click.pass_context
 def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_weights: Path | None,
         heartbeat_interval: float, worker_timeout: float, max_attempts: int, max_deaths: int,
-        task_timeout: float | None, curve_secret: Path | None,
+        task_timeout: float | None, forget_after: float, max_queued_tasks: int, curve_secret: Path | None,
         allowed_keys: Path | None, verbose: bool) -> None:
     """Run the virnucpro broker: it seeds GPU workers' queues by weight and lets idle ones steal.
 
@@ -78,9 +83,9 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
     address = broker_address(bind)
     curve = (curve_secret, allowed_keys) if curve_secret and allowed_keys else None
     try:
-        server = BrokerServer(address, Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts,
-                                                         max_deaths=max_deaths, task_timeout=task_timeout),
-                              weights, log, heartbeat_interval=heartbeat_interval, curve=curve)
+        scheduler = Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts, max_deaths=max_deaths,
+                              task_timeout=task_timeout, forget_after=forget_after, max_queued_tasks=max_queued_tasks)
+        server = BrokerServer(address, scheduler, weights, log, heartbeat_interval=heartbeat_interval, curve=curve)
     except SecurityError as exc:
         log.close()
         raise click.ClickException(str(exc)) from None
@@ -123,12 +128,15 @@ def keys(directory: Path, name: str) -> None:
 @click.option("--watch", is_flag=True, help="Keep the tables on screen, refreshed, until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=1.5, show_default=True,
               help="Seconds between refreshes with --watch.")
-def status(address: str | None, as_json: bool, timeout: float, watch: bool, interval: float) -> None:
+@click.option("--all", "every", is_flag=True,
+              help="List every worker and job the broker keeps, a page at a time [default: the living workers "
+                   "and most recent jobs, 50 of each, and summaries].")
+def status(address: str | None, as_json: bool, timeout: float, watch: bool, interval: float, every: bool) -> None:
     """Show the workers, queues, jobs and counters of a running broker."""
     address = broker_address(address)
     try:
         with BrokerClient(address, timeout=timeout) as client:
-            snapshot = client.request("status")["status"]
+            snapshot = all_pages(client) if every else client.request("status")["status"]
             if watch:
                 with Live(status_view(snapshot), refresh_per_second=4, screen=False) as live:
                     while True:
@@ -142,6 +150,14 @@ def status(address: str | None, as_json: bool, timeout: float, watch: bool, inte
         click.echo(json.dumps(snapshot, indent=2, sort_keys=True))
     else:
         render_status(snapshot)
+
+
+def all_pages(client: BrokerClient) -> dict:
+    """Every page of the broker's status as one snapshot: workers as listed, jobs oldest first."""
+    first = client.request("status")["status"]
+    pages = [first] + [client.request("status", page=page)["status"] for page in range(1, first["pages"])]
+    return {**first, "workers": [w for p in pages for w in p["workers"]],
+            "jobs": [j for p in reversed(pages) for j in p["jobs"]], "page": None}
 
 
 def is_loopback(address: str) -> bool:

@@ -36,6 +36,17 @@ def text(value: Any) -> None:
         raise FieldError("must not be empty")
 
 
+def text_of(most: int) -> Check:
+    """A string of 1 to `most` characters."""
+
+    def text_of_check(value: Any) -> None:
+        text(value)
+        if len(value) > most:
+            raise FieldError(f"must be at most {most} characters long")
+
+    return text_of_check
+
+
 def number(value: Any) -> None:
     """A finite integer or float; true and false are not numbers."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -21,6 +21,17 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "VIRNUCPRO_BROKER"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_FILES = 200_000
+# The longest worker name, host and GPU name a worker may register: far above any real one, and small enough
+# that a status reply listing a page of workers stays small.
+MAX_NAME = 512
+# Length limits for msgpack, from what a message may hold: no list longer than a submission's files, no map
+# with more entries than the largest record (a job report), no string longer than a text field in UTF-8,
+# no binary (file data travels in frames of their own). Without them one frame of tiny items unpacks into
+# millions of objects before any schema check sees it.
+UNPACK_LIMITS = {
+    "max_array_len": MAX_FILES, "max_map_len": 256, "max_str_len": 4 * fields.MAX_TEXT,
+    "max_bin_len": 0, "max_ext_len": 0,
+}
 STAGES = ("dnabert", "esm", "synthetic")
 
 
@@ -33,9 +44,12 @@ class ErrorCode(str, Enum):
 
     UNKNOWN_JOB = "unknown_job"  # the broker does not know the job (it may have restarted and forgotten it)
     REJECTED_JOB = "rejected_job"  # the submitted job's paths are unacceptable; resubmitting it as is fails again
+    INVALID_MESSAGE = "invalid_message"  # the request was not a well-formed message of this protocol version
+    REFUSED = "refused"  # the broker is at a limit (queued tasks): the same request may succeed later
 
 
 STAGE = fields.one_of(STAGES)
+NAME = fields.text_of(most=MAX_NAME)
 FILE_SPEC = fields.exact_map(
     {"path": fields.text, "output": fields.text, "sequences": fields.count, "residues": fields.count}
 )
@@ -51,7 +65,7 @@ TRANSFER = fields.optional(fields.exact_map({
 # Field checks per message type; a field whose name ends in "?" may be absent.
 SCHEMAS: dict[str, dict[str, Check]] = {
     # worker -> broker
-    "register": {"name": fields.text, "host": fields.text, "gpu": fields.text, "device": fields.text,
+    "register": {"name": NAME, "host": NAME, "gpu": NAME, "device": NAME,
                  "stages": fields.list_of(STAGE, most=len(STAGES)), "pid": fields.count},
     "request": {},
     # progress: units of work (batches) the running task has begun, counted from 0 for each task.
@@ -66,7 +80,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
                "transfer?": TRANSFER},
     "job": {"job": fields.text},
     "cancel": {"job": fields.text},
-    "status": {},
+    "status": {"page?": fields.count},  # page: 0 (the default) holds the most recent workers and jobs
     # broker -> worker
     "registered": {"worker": fields.text, "name": fields.text, "weight": fields.positive,
                    "heartbeat_interval": fields.positive},
@@ -99,9 +113,9 @@ def decode(frame: bytes, schemas: dict[str, dict[str, Check]] = SCHEMAS) -> dict
     if len(frame) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"oversized message ({len(frame)} bytes > {MAX_MESSAGE_BYTES})")
     try:
-        message = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        message = msgpack.unpackb(frame, raw=False, strict_map_key=True, **UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(f"undecodable message ({type(exc).__name__})") from None
+        raise ProtocolError(f"undecodable message ({type(exc).__name__}: {str(exc)[:200]})") from None
     validate(message, schemas)
     return message
 

@@ -95,11 +95,36 @@ def _eta(view: SchedulerView, job: Job, scale: float) -> float | None:
     return remaining / speed if speed > 0 and view.measured else None
 
 
-def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:
-    """A snapshot of workers, jobs and counters for `virnucpro-broker status`."""
+# Workers and jobs per status page: a status reply stays small however many the broker has heard of.
+STATUS_PAGE = 50
+
+
+def status_snapshot(view: SchedulerView, now: float, page: int = 0) -> dict[str, Any]:
+    """A snapshot for `virnucpro-broker status`: summaries and counters, and one page of workers and jobs.
+
+    Page 0 holds the living workers first, then the dead ones most recently
+    heard first, and the most recent jobs; page k the STATUS_PAGE of each
+    after those of page k - 1. `pages` says how many there are.
+    """
     scale = view.scale()
+    everyone = list(view.workers.values())
+    ordered = [w for w in everyone if w.alive] + sorted(
+        (w for w in everyone if not w.alive), key=lambda w: w.last_seen, reverse=True
+    )
+    all_jobs = list(view.jobs.values())
+    first = page * STATUS_PAGE
+    pages = max(1, -(-max(len(ordered), len(all_jobs)) // STATUS_PAGE))
+    serving: dict[str, int] = {}
+    for w in everyone:
+        if w.alive:
+            for stage in w.stages:
+                serving[stage] = serving.get(stage, 0) + 1
+    summary = {
+        "workers": len(everyone), "alive": sum(1 for w in everyone if w.alive), "serving": serving,
+        "jobs": len(all_jobs), "open_jobs": sum(1 for j in all_jobs if j.open),
+    }
     workers = []
-    for w in view.workers.values():
+    for w in ordered[first:first + STATUS_PAGE]:
         running = view.tasks.get(w.running) if w.running else None
         workers.append({
             "worker": w.name, "host": w.host, "gpu": w.gpu, "alive": w.alive, "stages": list(w.stages),
@@ -113,9 +138,15 @@ def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:
     jobs = [
         {"job": j.id, "stage": j.stage, "state": j.state, "weighted": j.weighted, "steal": j.steal,
          "backup": j.backup, "submitted": j.submitted, "eta_seconds": _eta(view, j, scale), **job_progress(j)}
-        for j in view.jobs.values()
+        for j in all_jobs[max(0, len(all_jobs) - first - STATUS_PAGE):max(0, len(all_jobs) - first)]
     ]
-    return {"workers": workers, "jobs": jobs, "unowned": view.unowned_count, "counters": dict(view.counters)}
+    return {"workers": workers, "jobs": jobs, "unowned": view.unowned_count, "counters": dict(view.counters),
+            "summary": summary, "page": page, "pages": pages}
+
+
+def living_workers(status: dict[str, Any], stage: str) -> int:
+    """How many living workers serve `stage`, from a status snapshot."""
+    return int(status["summary"]["serving"].get(stage, 0))
 
 
 def makespan_lower_bound(costs: Sequence[float], speeds: Sequence[float]) -> float:

@@ -26,6 +26,10 @@ reports in broker.reports. Policy (docs/architecture.md):
   timeout fails on that worker (an attempt) and is revoked with `abandon`;
   until the worker shows it let go, it gets no work and its queue goes to
   the others at once;
+- bounded state: a dead worker is forgotten `forget_after` seconds after it
+  was last heard (once no job still kept counts files it ran), and a
+  submission that would take the open tasks past `max_queued_tasks` is
+  refused;
 - deaths are not errors: a worker dying (or leaving) while it runs a file is
   counted apart from the file's failed attempts, and the file fails for
   deaths only once `max_deaths` different workers died running it.
@@ -132,9 +136,14 @@ class Scheduler:
     """Queues, seeding, stealing, backup copies, leases and retries for every job the broker holds."""
 
     def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3, max_deaths: int = 5,
-                 task_timeout: float | None = None) -> None:
+                 task_timeout: float | None = None, forget_after: float = 3600.0,
+                 max_queued_tasks: int = 1_000_000) -> None:
         if worker_timeout <= 0 or max_attempts < 1 or max_deaths < 1 or task_timeout is not None and task_timeout <= 0:
             raise ValueError("worker_timeout and task_timeout must be > 0, max_attempts and max_deaths >= 1")
+        if forget_after <= 0 or max_queued_tasks < 1:
+            raise ValueError("forget_after must be > 0 and max_queued_tasks >= 1")
+        self.forget_after = forget_after
+        self.max_queued_tasks = max_queued_tasks
         self.worker_timeout = worker_timeout
         self.task_timeout = task_timeout  # None: per stage (MODEL_TASK_TIMEOUT, or from the synthetic prediction)
         self.max_attempts = max_attempts
@@ -183,9 +192,22 @@ class Scheduler:
         """True once a living worker has an observed speed."""
         return bool(self._measured)
 
-    def status(self, now: float) -> dict[str, Any]:
-        """A snapshot of workers, jobs and counters for `virnucpro-broker status`."""
-        return status_snapshot(self, now)
+    def status(self, now: float, page: int = 0) -> dict[str, Any]:
+        """A snapshot of workers, jobs and counters for `virnucpro-broker status`: page `page` of them."""
+        return status_snapshot(self, now, page)
+
+    @property
+    def open_tasks(self) -> int:
+        """Files of open jobs not yet done or failed: queued, running, or waiting for a worker."""
+        return sum(len(job.tasks) - job.done - job.failed for job in self.jobs.values() if job.open)
+
+    def refusal(self, files: int) -> str | None:
+        """Why a submission of `files` files must be refused now, or None: it would exceed max_queued_tasks."""
+        held = self.open_tasks
+        if held + files > self.max_queued_tasks:
+            return (f"the broker holds {held:,} unfinished files and takes at most {self.max_queued_tasks:,} "
+                    f"(--max-queued-tasks); this job has {files:,}: submit it when others have finished, or in parts")
+        return None
 
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what the server must do, in order (assignments last)."""
@@ -659,6 +681,7 @@ class Scheduler:
                 out += self._take_out(worker, now, reason=f"worker {worker.name} died (silent {quiet:.0f} s)")
         out += self._find_overdue(now)
         out += self._time_out_stalled(now)
+        out += self._forget_dead(now)
         self._offer_all = True  # time passing opens steals and backup copies that were not worth it before
         return out
 
@@ -718,6 +741,25 @@ class Scheduler:
             out.append(Notice(f"{task.spec.path} on {worker.name}: {reason}"))
             out += self._attempt_failed(task, worker, reason, now)
         return out
+
+    def _forget_dead(self, now: float) -> list[Instruction]:
+        """Forget the workers dead for forget_after seconds, unless a job still kept counts files they ran.
+
+        Their late results are no longer taken, and their records leave the
+        status. Their names were freed when they died.
+        """
+        cutoff = now - self.forget_after
+        gone = {w.id for w in self.workers.values() if not w.alive and w.last_seen < cutoff and not w.per_job}
+        if not gone:
+            return []
+        for task in self.tasks.values():
+            if task.lost_to & gone or task.revoked & gone:
+                task.lost_to -= gone
+                task.revoked -= gone
+        for worker_id in gone:
+            del self.workers[worker_id]
+        self.counters["dead workers forgotten"] = self.counters.get("dead workers forgotten", 0) + len(gone)
+        return [Notice(f"forgot {len(gone)} worker(s) dead for over {self.forget_after:g} s")]
 
     def _take_out(self, worker: Worker, now: float, reason: str | None) -> list[Instruction]:
         """Take a worker out of service and give its files to the living.

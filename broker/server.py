@@ -54,6 +54,8 @@ logger = logging.getLogger("virnucpro.broker")
 
 # Handling one message for longer than this is worth a line in the log (a very large job being seeded, say).
 SLOW_EVENT = 1.0
+# Longest reason in an error reply: enough to name the field and the fix, short whatever a sender put in.
+MAX_REASON = 500
 
 
 def default_log_path() -> Path:
@@ -143,8 +145,11 @@ class BrokerServer:
             self._receive(frames)
 
     def _receive(self, frames: list[bytes]) -> None:
+        # The first frame is always the sender's identity (ROUTER adds it), so every refusal can be answered.
         if len(frames) != 2:
             self.scheduler.count("malformed frames")
+            self._refuse(frames[0], ErrorCode.INVALID_MESSAGE,
+                         f"expected one frame per message, got {len(frames) - 1}")
             return
         identity, payload = frames
         try:
@@ -152,10 +157,13 @@ class BrokerServer:
         except ProtocolError as exc:
             self.scheduler.count("invalid message")
             logger.debug("dropped message from %s: %s", identity.hex(), exc)
+            self._refuse(identity, ErrorCode.INVALID_MESSAGE, str(exc))
             return
         handler = self._handlers.get(message["type"])
         if handler is None:
             self.scheduler.count("unexpected message type")
+            self._refuse(identity, ErrorCode.INVALID_MESSAGE,
+                         f"a {message['type']!r} message is sent by the broker, never to it")
             return
         started = time.monotonic()
         handler(self, identity, message)
@@ -205,6 +213,11 @@ class BrokerServer:
             self.scheduler.count("rejected job")
             self._send(identity, "error", code=ErrorCode.REJECTED_JOB.value, reason=problem)
             return
+        refusal = self.scheduler.refusal(len(m["files"]))
+        if refusal:
+            self.scheduler.count("refused job (queued tasks cap)")
+            self._refuse(identity, ErrorCode.REFUSED, refusal)
+            return
         job = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         files = tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"]) for f in m["files"])
         instructions = self.scheduler.handle(JobSubmitted(
@@ -224,7 +237,7 @@ class BrokerServer:
 
     def _status(self, identity: bytes, m: dict[str, Any]) -> None:
         now = time.monotonic()
-        status = self.scheduler.status(now)
+        status = self.scheduler.status(now, m.get("page", 0))
         offset = self._unix_offset()
         for job in status["jobs"]:
             job["submitted"] += offset
@@ -250,6 +263,10 @@ class BrokerServer:
     def _unix_offset(self) -> float:
         """What turns a time on the core's monotonic clock into Unix seconds, by the wall clock now."""
         return self.wall_clock() - time.monotonic()
+
+    def _refuse(self, identity: bytes, code: ErrorCode, reason: str) -> None:
+        """Answer a request that is malformed or refused with an `error` reply, never with silence."""
+        self._send(identity, "error", code=code.value, reason=reason[:MAX_REASON] or code.value)
 
     def _send(self, identity: bytes, kind: str, **fields: Any) -> None:
         self._socket.send_multipart([identity, protocol.encode(kind, **fields)])

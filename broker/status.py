@@ -65,6 +65,12 @@ def status_view(snapshot: dict[str, Any]) -> Group:
     """The whole status screen: a header line and the tables."""
     broker = snapshot.get("broker", {})
     header = f"broker {broker['address']}, up {broker['uptime']:.0f} s, log {broker['log']}" if broker else ""
+    summary = snapshot.get("summary")
+    if summary:
+        header += (f"\n{summary['alive']} of {summary['workers']} workers alive, {summary['open_jobs']} of "
+                   f"{summary['jobs']} jobs open")
+        if snapshot.get("page") is not None and snapshot.get("pages", 1) > 1:
+            header += f"; the living workers and most recent jobs shown (page 1 of {snapshot['pages']}, --all for all)"
     return Group(header, *status_tables(snapshot))
 
 

@@ -121,3 +121,83 @@ def test_the_synthetic_stage_times_out_after_ten_times_its_predicted_time_by_def
     assert d.scheduler.task_timeout_of(worker, d.scheduler.tasks["j:1"]) == pytest.approx(
         SYNTHETIC_TIMEOUT_FACTOR * 10.0)
     assert d.scheduler.task_timeout_of(worker, d.scheduler.tasks["j:0"]) == MIN_SYNTHETIC_TIMEOUT
+
+
+# ------------------------------------------------------------ bounded state
+
+
+def test_dead_workers_are_forgotten_after_forget_after_and_their_names_are_free():
+    d = Driver(worker_timeout=10.0, forget_after=100.0)
+    d.join("a")
+    d.join("b")
+    d.heartbeat("b", at=5.0)
+    d.tick(at=12.0)  # a is dead
+    for t in range(20, 110, 10):
+        d.heartbeat("b", at=float(t))
+        d.tick()
+    assert "a" in d.scheduler.workers  # dead for 100 s at most: still listed
+    d.heartbeat("b", at=101.0)
+    d.tick(at=101.0)
+    assert "a" not in d.scheduler.workers and "b" in d.scheduler.workers
+    assert d.scheduler.counters["dead workers forgotten"] == 1
+    d.join("c", at=102.0)
+    assert d.scheduler.workers["c"].name == "c"
+
+
+def test_a_dead_worker_is_kept_while_a_kept_job_counts_files_it_ran():
+    d = Driver(worker_timeout=10.0, forget_after=50.0)
+    d.join("a")
+    d.submit("j", [100])
+    d.request("a")
+    d.succeed("a", "j:0", 1.0, at=1.0)
+    d.tick(at=20.0)  # a is dead; job j keeps its figures
+    d.tick(at=200.0)
+    assert "a" in d.scheduler.workers
+
+
+def test_a_forgotten_workers_late_result_is_ignored_and_the_file_runs_elsewhere():
+    d = Driver(worker_timeout=10.0, forget_after=50.0)
+    d.join("a")
+    d.submit("j", [100])
+    d.request("a")
+    d.tick(at=20.0)  # a dead while running j:0, which waits for a worker
+    d.tick(at=80.0)
+    assert "a" not in d.scheduler.workers
+    assert d.succeed("a", "j:0", 1.0, at=81.0) == []
+    d.join("b", at=82.0)
+    assert [x.task for x in assigns(d.request("b", at=82.0))] == ["j:0"]
+
+
+def test_a_submission_past_the_queued_tasks_cap_is_refused_and_one_within_it_is_not():
+    d = Driver(max_queued_tasks=10)
+    d.join("a")
+    d.submit("j", [100] * 6)
+    assert d.scheduler.refusal(4) is None
+    reason = d.scheduler.refusal(5)
+    assert reason is not None and "6" in reason and "10" in reason and "--max-queued-tasks" in reason
+    d.request("a")
+    d.succeed("a", "j:0", 1.0, at=1.0)  # a done file no longer counts
+    assert d.scheduler.refusal(5) is None
+
+
+def test_a_status_page_holds_at_most_a_page_of_workers_and_jobs_with_summaries():
+    from broker.reports import STATUS_PAGE
+
+    d = Driver(worker_timeout=10.0)
+    for i in range(STATUS_PAGE * 2 + 5):
+        d.join(f"w{i:03d}", at=float(i) / 100)
+    d.tick(at=15.0)  # all dead
+    d.join("alive", at=15.0)
+    for j in range(STATUS_PAGE + 3):
+        d.submit(f"job{j:03d}", [100], at=15.0)
+    first = d.scheduler.status(16.0)
+    assert len(first["workers"]) == STATUS_PAGE and len(first["jobs"]) == STATUS_PAGE
+    assert first["workers"][0]["worker"] == "alive"  # the living first, then the most recently heard
+    assert first["workers"][1]["worker"] == f"w{STATUS_PAGE * 2 + 4:03d}"
+    assert first["jobs"][-1]["job"] == f"job{STATUS_PAGE + 2:03d}"  # the most recent jobs
+    assert first["summary"]["workers"] == STATUS_PAGE * 2 + 6 and first["summary"]["alive"] == 1
+    assert first["summary"]["serving"] == {"synthetic": 1} and first["pages"] == 3
+    pages = [d.scheduler.status(16.0, page)["workers"] for page in range(first["pages"])]
+    assert sorted(w["worker"] for p in pages for w in p) == sorted(d.scheduler.workers[w].name for w in d.scheduler.workers)
+    jobs = [j["job"] for page in range(first["pages"]) for j in d.scheduler.status(16.0, page)["jobs"]]
+    assert sorted(jobs) == sorted(d.scheduler.jobs)

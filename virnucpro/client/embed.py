@@ -18,7 +18,7 @@ from rich.table import Table
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
 from broker.protocol import ErrorCode
-from broker.reports import failure_reasons
+from broker.reports import failure_reasons, living_workers
 from broker.security import SecurityError
 from virnucpro.atomic import write_text_atomically
 from virnucpro.pipeline.fasta import FastaError, fasta_stats
@@ -73,7 +73,7 @@ def wait_for_workers(client: BrokerClient, stage: str, count: int, timeout: floa
     status = client.wait_until_up(timeout)
     announced = False
     while True:
-        ready = sum(1 for w in status["workers"] if w["alive"] and stage in w["stages"])
+        ready = living_workers(status, stage)
         if ready >= count:
             return
         if time.monotonic() >= deadline:

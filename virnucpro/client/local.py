@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.client import BrokerClient
+from broker.reports import living_workers
 from broker.security import SECRET_ENV, SERVER_KEY_ENV
 from virnucpro.processes import command, spawn, stop
 
@@ -109,7 +110,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         with self.client(timeout=2.0) as client:
             status = client.wait_until_up(timeout)
-            while sum(1 for w in status["workers"] if w["alive"] and stage in w["stages"]) < count:
+            while living_workers(status, stage) < count:
                 problem = self.failure(starting=True)
                 if problem:
                     raise RuntimeError(problem)
