@@ -894,7 +894,7 @@ EVENTS = ("join", "request", "succeed", "fail", "heartbeat", "left", "tick", "su
 def play_random_events(data, steps: int) -> Driver:
     """Events in any order, from three workers serving different stages, including results from workers
     that never ran the file, for files that ended long ago and from workers declared dead."""
-    d = Driver(worker_timeout=5.0, max_attempts=2)
+    d = Driver(worker_timeout=5.0, max_attempts=2, max_deaths=2, task_timeout=3.0, forget_after=8.0)
     for _ in range(steps):
         d.now += data.draw(st.sampled_from([0.0, 0.5, 3.0, 6.0]))
         kind = data.draw(st.sampled_from(EVENTS))
@@ -912,7 +912,7 @@ def play_random_events(data, steps: int) -> Driver:
         elif kind == "fail":
             d.fail(worker, task)
         elif kind == "heartbeat":
-            d.heartbeat(worker, data.draw(st.none() | st.just(task)))
+            d.heartbeat(worker, data.draw(st.none() | st.just(task)), progress=data.draw(st.none() | st.integers(0, 3)))
         elif kind == "cancel":
             d.cancel(task.split(":")[0])
         else:
