@@ -77,7 +77,9 @@ class Job:
     weighted: bool
     steal: bool
     submitted: float
+    sealed: bool = True  # False while the client may still add files
     tasks: list[Task] = field(default_factory=list)
+    residues: int = 0  # the cost of all its tasks
     done: int = 0
     failed: int = 0
     residues_done: int = 0
