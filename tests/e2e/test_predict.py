@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from virnucpro.client.local import LocalCluster
 from virnucpro.pipeline.fasta import read_fasta
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +130,14 @@ def reference(env: dict[str, str], reads: Path, tmp_path_factory: pytest.TempPat
         report = json.loads((out / "work" / stage / "run_report.json").read_text())
         assert report["precision"] == {"fp32": len(list((out / "work" / stage).glob("output_*.pt")))}
     assert not (out / "failed_files.txt").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    frames = sum(1 for _ in (out / RESULTS[0]).open()) - 1
+    assert (summary["reads"], summary["frames"], summary["exit_status"], summary["failures"]) == (60, frames, 0, [])
+    assert set(summary["stage_seconds"]) == {"split", "dnabert", "esm", "classify", "total"}
+    assert 0 < summary["stage_seconds"]["classify"] < summary["stage_seconds"]["total"]
+    assert set(summary["jobs"]) == {"dnabert", "esm", "classify"}
+    classify = json.loads((out / "work" / "classify" / "run_report.json").read_text())
+    assert (classify["stage"], classify["done"], classify["failed"]) == ("classify", summary["file_pairs"], 0)
     return results(out)
 
 
@@ -151,6 +160,32 @@ def test_killed_worker_mid_run_still_completes_with_the_same_predictions(
     code, output = finish(process)
     assert code == 0, output
     assert "exited with code -9" in output
+    assert results(out) == reference
+
+
+def test_a_classify_worker_killed_mid_run_is_replaced_and_the_predictions_are_the_same(
+        env: dict[str, str], reads: Path, tmp_path: Path, reference: dict[str, bytes]) -> None:
+    """predict on a running broker: two workers embed, one classifies until it is killed, a new one takes over."""
+    out = tmp_path / "out"
+    tiny = ["--models", "tiny", "--broker-timeout", "5"]
+    with LocalCluster(tmp_path / "logs") as cluster:
+        cluster.start_broker("--throughput-log", str(tmp_path / "log.jsonl"), "--heartbeat-interval", "0.2",
+                             "--worker-timeout", "1.5")
+        for name in ("embed-1", "embed-2"):
+            cluster.start_worker(name, "--stage", "dnabert", "--stage", "esm", *tiny, env=env)
+        doomed = cluster.start_worker("classify-1", "--stage", "classify", *tiny, env=env)
+        process = start_predict(env, reads, "-o", out, "--broker", cluster.address, *COMMON)
+        predictions = out / "work" / "classify"
+        wait_for(lambda: list(predictions.glob("output_*_predictions.tsv")) or process.poll() is not None, 120,
+                 "the first per-pair predictions")
+        doomed.process.kill()
+        before = len(list(predictions.glob("output_*_predictions.tsv")))
+        cluster.start_worker("classify-2", "--stage", "classify", *tiny, env=env)
+        code, output = finish(process)
+        replacement = cluster.workers["classify-2"].log.read_text()
+    assert code == 0, output
+    assert before < len(list(predictions.glob("output_*_predictions.tsv")))
+    assert "_predictions.tsv" in replacement  # the new worker classified what the killed one left
     assert results(out) == reference
 
 

@@ -459,6 +459,10 @@ class FileServerCore:
         """Serve `files` to requests that carry `token`."""
         self._jobs[token] = list(files)
 
+    def add_files(self, token: str, files: list[ServedFile]) -> None:
+        """Serve `files` too to requests that carry `token`, after its job's files (indices go on from there)."""
+        self._jobs[token].extend(files)
+
     def handle(self, peer: bytes, message: dict[str, Any], data: Data | None, now: float) -> list[ServerInstruction]:
         """A request from `peer`, validated against wire.REQUESTS."""
         task = message["task"]

@@ -175,6 +175,11 @@ class FileServer:
         return {"address": self.address, "token": token, "server_key": self.public_key,
                 "marker": str(self.marker) if self.marker else None, "marker_sha256": self.marker_sha256}
 
+    def serve_more(self, offer: dict[str, Any], files: Sequence[dict[str, Any]]) -> None:
+        """Serve `files` too under `offer`'s token, after those offered already (an open job's added files)."""
+        with self._lock:
+            self.core.add_files(offer["token"], [ServedFile(f["path"], f["output"]) for f in files])
+
     def summary(self) -> str | None:
         """What travelled over the connection, for people; None if nothing did."""
         if not (self._sent or self.stored_files):
