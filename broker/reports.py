@@ -84,16 +84,22 @@ def job_progress(view: SchedulerView, job: Job, scale: float | None = None) -> d
 def _eta(view: SchedulerView, job: Job, scale: float) -> float | None:
     """Seconds until the job's remaining residues are done at the capable workers' combined speed.
 
-    None for a stage whose cost the workers' speeds do not measure (UNTIMED_STAGES).
+    Workers run older jobs' files first, so the residues older running jobs
+    still hold for the same workers count as ahead of this job's. None for a
+    stage whose cost the workers' speeds do not measure (UNTIMED_STAGES).
     The files that failed are not remaining; they are few, so only a job
     that has some pays for finding them.
     """
     if not job.open or not view.measured or job.stage in UNTIMED_STAGES:
         return None
-    speed = sum(view.speed_of(w, scale) for w in view.capable(job.stage))
+    capable = view.capable(job.stage)
+    speed = sum(view.speed_of(w, scale) for w in capable)
     failed = sum(t.cost for t in job.tasks if t.state == "failed") if job.failed else 0
     remaining = job.residues - job.residues_done - failed
-    return remaining / speed if speed > 0 else None
+    stages = {stage for w in capable for stage in w.stages}
+    ahead = sum(other.residues - other.residues_done for other in view.jobs.values()
+                if other.open and other.seq < job.seq and other.stage in stages and other.stage not in UNTIMED_STAGES)
+    return (ahead + remaining) / speed if speed > 0 else None
 
 
 def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:

@@ -112,9 +112,9 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
 
 
 def snapshot(out: Path) -> dict[Path, tuple[int, int]]:
-    """(inode, mtime) of every finished split file and embedding: changed if recomputed."""
+    """(inode, mtime) of every finished split file, embedding and per-pair prediction file: changed if recomputed."""
     files = [*(out / "work").glob("nucleotide/*.fa"), *(out / "work").glob("protein/*.fa"),
-             *embedded(out, "dnabert"), *embedded(out, "esm")]
+             *embedded(out, "dnabert"), *embedded(out, "esm"), *(out / "work").glob("classify/output_*.tsv")]
     return {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
 
 
@@ -221,8 +221,11 @@ def test_resume_after_killed_predict_recomputes_nothing_and_failed_files_give_ex
     assert (out / RESULTS[0]).read_text() == "".join(kept)
 
     broken.write_text(original)
+    done = snapshot(out)
     run = predict(env, *args, "--resume")
     assert run.returncode == 0, run.stderr
+    assert "file pairs already classified by this classifier; reused" in run.stderr
+    assert {f: v for f, v in snapshot(out).items() if f in done} == done
     assert not (out / "failed_files.txt").exists()
     assert results(out) == reference
 

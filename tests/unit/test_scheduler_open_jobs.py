@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from broker import protocol
 from broker.events import FilesAdded, JobSealed, JobSubmitted, Refused
 from broker.protocol import ErrorCode
+from broker.reports import job_progress
 from broker.scheduler import InvariantError, Scheduler
 from broker.server import file_specs
 from tests.support.driver import Driver, added_specs, assigns, finished, log_records, of_type
@@ -268,3 +269,23 @@ def test_a_million_file_submission_travels_in_chunks_under_the_frame_limit_and_i
         assert scheduler.jobs["big"].sealed
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_estimates_a_job_behind_an_older_one_from_the_residues_ahead_of_it():
+    d = Driver()
+    d.join("w", stages=("dnabert", "esm", "classify"))
+    d.submit("warm", [1000], stage="esm")
+    (given,) = assigns(d.request("w"))
+    d.succeed("w", given.task, 1.0)  # 1000 residues/s
+    d.submit("dna", [4000, 2000], stage="dnabert")
+    d.submit("prot", [3000], stage="esm")
+    d.submit("cls", [500], stage="classify")
+    jobs = d.scheduler.jobs
+    assert job_progress(d.scheduler, jobs["dna"])["eta_seconds"] == 6.0
+    assert job_progress(d.scheduler, jobs["prot"])["eta_seconds"] == 9.0  # the DNABERT-S files run first
+    assert job_progress(d.scheduler, jobs["cls"])["eta_seconds"] is None  # frames, on the CPU: not this speed
+    progress = job_progress(d.scheduler, jobs["dna"])
+    assert (progress["files"], progress["residues"], progress["running"], progress["sealed"]) == (2, 6000, 0, True)

@@ -8,9 +8,9 @@ seconds while it runs, and when it ends:
     14:02:31 esm: 12/41 files, 1,234,567/4,120,330 residues, 48,200 residues/s, ETA 0:01:00
 
 The rate is measured here, over the last minute; the time left is the
-broker's estimate (the stage's remaining residues at the combined speed of
-the workers that serve it) when it gives one, else the remaining amount at
-the measured rate.
+broker's estimate (the stage's remaining residues, and those of older jobs
+ahead of it on the same workers, at the combined speed of the workers that
+serve it) when it gives one, else the remaining amount at the measured rate.
 """
 
 from __future__ import annotations
