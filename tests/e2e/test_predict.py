@@ -18,9 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from virnucpro.client.local import LocalCluster
 from virnucpro.pipeline.fasta import read_fasta
+from virnucpro.pipeline.features import load_features
+from virnucpro.pipeline.merge import merge_features
 
 ROOT = Path(__file__).resolve().parents[2]
 VIRNUCPRO = Path(sys.executable).with_name("virnucpro")
@@ -144,9 +147,19 @@ def reference(env: dict[str, str], reads: Path, tmp_path_factory: pytest.TempPat
 @pytest.mark.parametrize("workers", [1, 3])
 def test_weighted_stealing_with_one_or_three_workers_gives_byte_identical_predictions(
         env: dict[str, str], reads: Path, tmp_path: Path, reference: dict[str, bytes], workers: int) -> None:
-    run = predict(env, reads, "-o", tmp_path / "out", "--workers", str(workers), "--weighted", "--steal", *COMMON)
+    keep = ["--keep-features"] if workers == 3 else []
+    out = tmp_path / "out"
+    run = predict(env, reads, "-o", out, "--workers", str(workers), "--weighted", "--steal", *keep, *COMMON)
     assert run.returncode == 0, run.stderr
-    assert results(tmp_path / "out") == reference
+    assert results(out) == reference
+    merged = sorted((out / "work" / "merged").glob("output_*_merged.pt"))
+    assert len(merged) == (len(embedded(out)) if keep else 0)
+    for path in merged:
+        k = path.name.split("_")[1]
+        expected = merge_features(out / "work" / "dnabert" / f"output_{k}_DNABERT_S.pt",
+                                  out / "work" / "esm" / f"output_{k}_ESM.pt")
+        kept = load_features(path, "merged")
+        assert kept.ids == expected.ids and torch.equal(kept.data, expected.data)
 
 
 def test_killed_worker_mid_run_still_completes_with_the_same_predictions(
