@@ -46,7 +46,9 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
         jobs.add_column(column)
     for j in snapshot["jobs"]:
         policy = ",".join(p for p, on in (("weighted", j["weighted"]), ("steal", j["steal"])) if on) or "static"
-        jobs.add_row(j["job"], j["stage"], j["state"], str(j["done"]), str(j["failed"]), str(j["running"]),
+        # An open job (not sealed) may still get files: its count is so far.
+        state = j["state"] if j.get("sealed", True) or j["state"] != "running" else "open"
+        jobs.add_row(j["job"], j["stage"], state, str(j["done"]), str(j["failed"]), str(j["running"]),
                      str(j["files"]), str(j["steals"]), policy, _seconds(j.get("eta_seconds")))
     counters = Table(title="dropped or discarded messages", title_justify="left")
     counters.add_column("reason")
