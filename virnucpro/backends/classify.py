@@ -58,6 +58,10 @@ class ClassifyBackend:
         self._classifiers.move_to_end(sha256)
         return model
 
+    def knows(self, sha256: str) -> bool:
+        """True if the classifier with this digest is loaded already."""
+        return sha256 in self._classifiers
+
     def run_pair(self, path: Path, paired: Path, classifier: dict[str, str], output_path: Path,
                  should_stop: Callable[[], bool] = lambda: False) -> tuple[int, int]:
         """Classify the pair whose DNABERT-S features are at `path` and ESM-2 features at `paired`.
@@ -68,9 +72,8 @@ class ClassifyBackend:
         """
         for features in (path, paired):
             if not features.exists():
-                raise FileNotFoundError(f"{features}: not on this worker; classify reads the feature files where "
-                                        "the embedding stages wrote them, so start workers that do not share "
-                                        "that file system with --stage dnabert --stage esm")
+                raise FileNotFoundError(f"{features}: not on this worker, which does not share the client's file "
+                                        "system; let the files travel to it (predict --transfer auto)")
         model = self.classifier(classifier["path"], classifier["sha256"])
         if should_stop():
             raise Cancelled("cancelled before classifying")

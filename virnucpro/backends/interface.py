@@ -40,3 +40,7 @@ class PairBackend(Protocol):
 
     def run_pair(self, path: Path, paired: Path, classifier: dict[str, str], output_path: Path,
                  should_stop: Callable[[], bool]) -> tuple[int, int]: ...
+
+    def knows(self, sha256: str) -> bool:
+        """True if the classifier with this digest is loaded already (its file need not be fetched)."""
+        ...

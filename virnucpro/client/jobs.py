@@ -95,7 +95,7 @@ class JobRun:
         self.files += files
         self.amount += sum(f["residues"] for f in files)
         if self.server is not None and self._offer is not None:
-            self.server.serve_more(self._offer, files)
+            self.server.serve_more(self._offer, files, self._also())
         for chunk in file_chunks(files):
             if self._call("add", job=self.job, first=self._sent, files=chunk) is None:
                 return  # the job was submitted again, these files with it
@@ -131,7 +131,7 @@ class JobRun:
         chunks = list(file_chunks(files)) or [[]]
         extra: dict[str, Any] = {"classifier": self.classifier} if self.classifier is not None else {}
         if self.server is not None:
-            self._offer = extra["transfer"] = self.server.offer(files)
+            self._offer = extra["transfer"] = self.server.offer(files, self._also())
         reply = self.client.request("submit", stage=self.stage, output_dir=str(self.output_dir), files=chunks[0],
                                     weighted=self.weighted, steal=self.steal,
                                     open=not self.sealed or len(chunks) > 1, **extra)
@@ -144,6 +144,10 @@ class JobRun:
             self._sent += len(chunk)
         if self.sealed and len(chunks) > 1:
             self._take(self._retried("seal", job=self.job, files=self._sent))
+
+    def _also(self) -> tuple[str, ...]:
+        """The inputs every file of the job reads besides its own: a classify job's classifier."""
+        return (self.classifier["path"],) if self.classifier is not None else ()
 
     def _retried(self, kind: str, **fields: Any) -> dict[str, Any]:
         """The reply to a request that may be sent again unchanged (add, seal, job): a late answer is tried again."""

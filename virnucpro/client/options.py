@@ -56,12 +56,6 @@ def check_options(options: PredictOptions) -> None:
         if given:
             raise PredictError(f"{', '.join(given)} configure the broker and workers this command starts; with "
                                "--broker ADDR set them where that broker and its workers run")
-    if options.transfer == "always":
-        raise PredictError("--transfer always: predict classifies each file pair on the workers, which read the "
-                           "feature files where they were written, so it needs workers that share this machine's "
-                           "file system; use --transfer auto (files travel only to workers that cannot see them, "
-                           "which are then started with --stage dnabert --stage esm), or run the embedding stages "
-                           "with `virnucpro embed --transfer always`")
     if options.gpus is not None and options.workers is not None:
         raise PredictError("give --gpus (one worker per GPU) or --workers N (CPU workers), not both")
     if options.gpu_weights is not None:

@@ -65,7 +65,6 @@ from virnucpro.pipeline.features import save_features
 from virnucpro.pipeline.merge import merge_features, merged_path
 from virnucpro.pipeline.outputs import PredictionOutputs, assemble_predictions
 from virnucpro.pipeline.sequences import FilePair
-from virnucpro.transfer.fileserver import FileServer
 
 EXIT_INTERRUPTED = 130
 TINY_NOTICE = ("[yellow]note:[/yellow] --models tiny runs small random networks: these predictions mean nothing "
@@ -159,15 +158,12 @@ class PredictJobs:
     def _run(self, servers: ExitStack) -> None:
         try:
             for plan in self.plans:
-                # The embedding jobs' files travel to workers that cannot see them; classify needs the file system.
-                server = servers.enter_context(file_server(self.client, plan.output_dir, self.options.transfer,
-                                                           self.options.transfer_address))
-                run = self._job_run(plan.stage, plan.output_dir, server=server)
+                run = self._job_run(plan.stage, plan.output_dir, servers)
                 run.submit(plan.todo)
                 self.embeddings[plan.stage] = run
                 self.times.submitted[plan.stage] = self.clock()
             if self.waiting:
-                self.classify = self._job_run("classify", self.work_dir.resolve() / CLASSIFY_DIR,
+                self.classify = self._job_run("classify", self.work_dir.resolve() / CLASSIFY_DIR, servers,
                                               classifier=self.classifier.wire())
                 self.classify.submit([classify_spec(pair, self.work_dir) for pair in self._take_ready()], open=True)
                 self.times.submitted["classify"] = self.clock()
@@ -180,8 +176,12 @@ class PredictJobs:
                 run.cancel()
             raise
 
-    def _job_run(self, stage: str, output_dir: Path, classifier: dict[str, str] | None = None,
-                 server: FileServer | None = None) -> JobRun:
+    def _job_run(self, stage: str, output_dir: Path, servers: ExitStack,
+                 classifier: dict[str, str] | None = None) -> JobRun:
+        """A job of `stage`, with a file server (open until `servers` closes) unless --transfer never."""
+        server = servers.enter_context(file_server(self.client, output_dir, self.options.transfer,
+                                                   self.options.transfer_address))
+
         def resubmitted(job: str) -> None:
             self.console.print(f"[yellow]the broker lost the {stage} job (restarted?); submitted what is not done "
                                f"yet as {job}[/yellow]")
@@ -212,6 +212,7 @@ class PredictJobs:
             progress.update("classify", self.classify.poll(), unit="frames")
             if self.classify.ended and "classify" not in self.times.ended:
                 self.times.ended["classify"] = self.clock()
+                self._show_transfers(self.classify)
         return embedded and (self.classify is None or self.classify.ended)
 
     def _take_ready(self) -> list[FilePair]:
@@ -230,8 +231,11 @@ class PredictJobs:
         if len(self.embeddings) > 1:
             line += " (both embedding jobs were submitted together: each makespan includes the other's files)"
         self.console.print(line, markup=False)
+        self._show_transfers(run)
+
+    def _show_transfers(self, run: JobRun) -> None:
         if run.server is not None and run.server.summary():
-            self.console.print(run.server.summary(), markup=False)
+            self.console.print(f"{run.stage} {run.server.summary()}", markup=False)
 
     def write_reports(self) -> None:
         """Each job's run_report.json in its output directory."""

@@ -184,10 +184,6 @@ class Worker:
             raise WorkerSetupError(f"this worker does not serve the {assignment['stage']} stage")
         transfer = assignment.get("transfer")
         if transfer is not None and not sees_client_files(transfer):
-            if isinstance(backend, PairBackend):
-                raise WorkerSetupError(f"the {backend.stage} stage reads its files where the client wrote them, "
-                                       "and this worker cannot see them; start workers that do not share the "
-                                       "client's file system with --stage dnabert --stage esm")
             return run_remote(assignment, backend, cancel.is_set)
         output = Path(assignment["output"])
         classifier = assignment.get("classifier")
