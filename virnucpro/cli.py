@@ -91,7 +91,7 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
     Start one per GPU, or one command per node with --gpus all. Models are
     loaded once, before registering, and kept across files and jobs; a
     classify job's classifier is loaded at its first file pair, and
-    classification always runs on the CPU (at most 2 threads). Ctrl-C or
+    classification always runs on the CPU, on one thread. Ctrl-C or
     SIGTERM leaves cleanly: the broker hands the worker's files to the
     others at once. Exit status 78: the worker could not start (a model, a
     package or a key to fix); it is not worth starting again as it is.

@@ -3,9 +3,10 @@
 The task reads the DNABERT-S and ESM-2 features of pair k, checks that their
 ids agree, joins them, scores them with the job's classifier and writes the
 pair's per-pair predictions file (virnucpro.pipeline.outputs.classify_pair).
-It always runs on the CPU, whatever the worker's device, so that every
-worker gives the same bytes: the scores do not depend on the thread count,
-but a GPU's arithmetic would differ from the CPU's.
+It always runs on the CPU, whatever the worker's device, and on one thread,
+whatever the worker's share of the cores, so that every worker gives the
+same bytes: a GPU's arithmetic differs from the CPU's, and so, for a batch
+of a few rows (5 to 11 here), does the CPU's on one thread and on two.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from virnucpro.pipeline.outputs import classify_pair
 
 logger = logging.getLogger(__name__)
 
-# CPU threads a classify task uses at most. One thread scores about 20,000 frames/s and a second adds only
-# half as much again; more would take cores from the tokenising of the workers beside it on a GPU machine.
-MAX_THREADS = 2
+# CPU threads a classify task uses, on every worker: the scores are the same bytes only for the same count.
+# One thread scores about 20,000 frames/s (a second would add only half as much again), and it takes no core
+# from the workers beside it on a GPU machine.
+THREADS = 1
 # Classifiers kept loaded, by digest; the least recently used beyond this is dropped.
 KEEP_CLASSIFIERS = 2
 
@@ -36,9 +38,7 @@ class ClassifyBackend:
 
     stage = "classify"
 
-    def __init__(self, threads: int | None = None) -> None:
-        # The worker's own share of the cores (OMP_NUM_THREADS when predict starts it), at most MAX_THREADS.
-        self.threads = threads or max(1, min(torch.get_num_threads(), MAX_THREADS))
+    def __init__(self) -> None:
         self._classifiers: OrderedDict[str, MLPClassifier] = OrderedDict()
 
     def classifier(self, path: str, sha256: str) -> MLPClassifier:
@@ -77,7 +77,7 @@ class ClassifyBackend:
         model = self.classifier(classifier["path"], classifier["sha256"])
         if should_stop():
             raise Cancelled("cancelled before classifying")
-        with _threads(self.threads):
+        with _threads(THREADS):
             written = classify_pair(path, paired, model, output_path, classifier_sha256=classifier["sha256"])
         return written.frames, written.frames
 
