@@ -92,7 +92,7 @@ class StageProgress:
         entry.last = progress
         if self._bars is not None and entry.bar is not None:
             self._bars.update(entry.bar, total=max(progress.files, 1), completed=progress.done + progress.failed,
-                              line=self.describe(stage))
+                              line=self.figures(stage))
         elif entry.printed is None or now - entry.printed >= self.interval or progress.ended:
             self.console.print(f"{time.strftime('%H:%M:%S', time.localtime(self.wall()))} {self.describe(stage)}",
                                markup=False, highlight=False, soft_wrap=True)
@@ -101,11 +101,15 @@ class StageProgress:
 
     def describe(self, stage: str) -> str:
         """`stage: done/total files, done/total unit, rate, ETA`, as the last figures say."""
+        return f"{stage}: {self.figures(stage)}"
+
+    def figures(self, stage: str) -> str:
+        """`done/total files, done/total unit, rate, ETA` of `stage`, as the last figures say."""
         entry = self._stages[stage]
         p = entry.last
         if p is None:
-            return f"{stage}: waiting"
-        text = f"{stage}: {p.done}/{p.files} files"
+            return "waiting"
+        text = f"{p.done}/{p.files} files"
         if p.failed:
             text += f" ({p.failed} failed)"
         text += f", {p.amount_done:,}/{p.amount:,} {entry.unit}"
