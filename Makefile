@@ -35,12 +35,20 @@ test: lint
 test-fast: install
 	$(PY) -m pytest -q tests/unit
 
+# Dask, for the comparison in tools/bench_peers.py.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info .pytest_cache
 
-# The README's benchmark figures (about 5 minutes on 2 cores; bench_transfer writes 3 GB to $TMPDIR).
-bench: install
+# The README's benchmark figures (about 25 minutes on 2 cores; bench_transfer writes 3 GB to $TMPDIR);
+# bench_peers and bench_seeding rewrite their tables in README.md.
+bench: install $(VENV)/.bench-installed
 	mkdir -p bench-results
+	$(PY) tools/bench_peers.py --json bench-results/peers.json --update-readme README.md
+	$(PY) tools/bench_seeding.py --json bench-results/seeding.json --update-readme README.md
 	$(PY) tools/bench_correction.py --json bench-results/correction.json --throughput-log bench-results/correction.jsonl
 	$(PY) tools/plot_timeline.py bench-results/correction.jsonl -o bench-results/timeline.png
 	$(PY) tools/bench_overhead.py --json bench-results/overhead.json

@@ -113,6 +113,7 @@ class JobSubmitted:
     weighted: bool
     steal: bool
     now: float
+    backup: bool = True  # with steal: idle workers may run backup copies of straggling files
     sealed: bool = True
 
 
@@ -165,7 +166,7 @@ class Assign:
 
 @dataclass(frozen=True)
 class Revoke:
-    """Tell `worker` to stop running `task` (its job was cancelled or finished without it)."""
+    """Tell `worker` to stop running `task` (its job was cancelled, or another copy of the file finished first)."""
 
     worker: str
     task: str

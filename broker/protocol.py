@@ -80,8 +80,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # A job submitted with "open" true takes more files by `add` until `seal`; otherwise it is sealed at once.
     "submit": {"stage": STAGE, "output_dir": fields.text,
                "files": fields.list_of(FILE_SPEC, most=MAX_FILES, least=0),
-               "weighted": fields.flag, "steal": fields.flag, "transfer?": TRANSFER, "open?": fields.flag,
-               "classifier?": CLASSIFIER},
+               "weighted": fields.flag, "steal": fields.flag, "backup?": fields.flag,  # backup: default true
+               "transfer?": TRANSFER, "open?": fields.flag, "classifier?": CLASSIFIER},
     # `first`: the index in the job of the first file sent (the count sent before), so a resent chunk is known.
     "add": {"job": fields.text, "first": fields.count, "files": fields.list_of(FILE_SPEC, most=MAX_FILES)},
     # `files`: how many files the client sent in all; the broker refuses to seal a job that holds another count.

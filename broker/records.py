@@ -95,6 +95,8 @@ class TaskDone(LogRecord):
     residues_per_s: Annotated[float | None, fields.non_negative] = None  # None when it took no measurable time
     # True when it ran on a worker other than the one it was seeded to (stolen, or handed over from a dead one).
     stolen: Annotated[bool, fields.flag] = False
+    # True when the copy that finished was a backup, run beside a straggling copy that was then revoked.
+    backup: Annotated[bool, fields.flag] = False
 
     @property
     def start(self) -> float:

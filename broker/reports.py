@@ -34,7 +34,11 @@ class SchedulerView(Protocol):
 
 
 def job_report(job: Job, workers: Iterable[Worker]) -> dict[str, Any]:
-    """The per-worker figures, makespan, steals and failures of a job."""
+    """The per-worker figures, makespan, steals, backup copies, wasted seconds and failures of a job.
+
+    wasted_seconds: what copies of its files ran before they were revoked
+    because another copy of the same file finished first.
+    """
     rows = []
     for worker in workers:
         stats = worker.per_job.get(job.id)
@@ -57,7 +61,8 @@ def job_report(job: Job, workers: Iterable[Worker]) -> dict[str, Any]:
     lower_bound = makespan_lower_bound(costs, speeds) if costs and speeds else None
     return {
         "job": job.id, "stage": job.stage, "state": job.state, "weighted": job.weighted, "steal": job.steal,
-        "files": len(job.tasks), "done": job.done, "failed": job.failed, "steals": job.steals,
+        "backup": job.backup, "files": len(job.tasks), "done": job.done, "failed": job.failed, "steals": job.steals,
+        "backups": job.backups, "backups_won": job.backups_won, "wasted_seconds": job.wasted_seconds,
         "submitted": job.submitted, "finished": job.finished,
         "makespan": job.finished - job.submitted if job.finished is not None else None,
         "lower_bound": lower_bound,
@@ -77,6 +82,7 @@ def job_progress(view: SchedulerView, job: Job, scale: float | None = None) -> d
         "files": len(job.tasks), "done": job.done, "failed": job.failed, "sealed": job.sealed,
         "running": sum(1 for task in running if view.tasks[task].job is job),
         "residues": job.residues, "residues_done": job.residues_done, "steals": job.steals,
+        "backups": job.backups, "backups_won": job.backups_won, "wasted_seconds": job.wasted_seconds,
         "eta_seconds": _eta(view, job, view.scale() if scale is None else scale),
     }
 
@@ -113,13 +119,13 @@ def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:
             "predicted_weight": w.weight, "observed_weight": w.speed / scale if w.speed else None,
             "speed": w.speed, "queue": len(w.queue), "queued_residues": w.queued_cost,
             "running": running.spec.path if running else None,
-            "running_for": now - w.running_since if running else None,
+            "running_for": now - w.running_since if running else None, "overdue": w.overdue,
             "files_done": w.done_files, "steals_in": w.steals_in, "steals_out": w.steals_out,
             "silent_for": now - w.last_seen, "gauges": w.gauges,
         })
     jobs = [
         {"job": j.id, "stage": j.stage, "state": j.state, "weighted": j.weighted, "steal": j.steal,
-         "submitted": j.submitted, **job_progress(view, j, scale)}
+         "backup": j.backup, "submitted": j.submitted, **job_progress(view, j, scale)}
         for j in view.jobs.values()
     ]
     return {"workers": workers, "jobs": jobs, "unowned": view.unowned_count, "counters": dict(view.counters)}

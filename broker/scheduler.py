@@ -8,9 +8,17 @@ reports in broker.reports. Policy (docs/architecture.md):
 - seeding: a submitted job's files go to the capable workers by weighted
   bin-packing (largest first, to the worker that would finish it earliest);
 - each worker runs its own queue, largest file first;
-- stealing (if the job allows it): a worker with an empty queue takes the
-  last queued file of the worker predicted to finish last, only if it would
-  finish that file before its owner would;
+- stealing (if the job allows it): a worker with nothing queued takes, from
+  the workers predicted to finish last (latest first), the largest queued
+  file it would finish before that worker's queue would end;
+- backup copies (with stealing, unless the job turns them off): an idle
+  worker with nothing to take runs a copy of a file in flight elsewhere when
+  it would finish that copy sooner than the holder is predicted to; the first
+  copy to finish wins and the other is revoked at once;
+- overdue files: a running file past OVERDUE_FACTOR times its predicted time,
+  and at least OVERDUE_MARGIN seconds over, may get a backup from any idle
+  worker, and the files queued behind it may be stolen by any idle worker;
+- idle workers are offered work whenever files are queued and at every tick;
 - leases: a worker silent for `worker_timeout` is dead, and its queued and
   running files go back to the living; a file that fails `max_attempts` times
   is failed with every reason, and the job goes on;
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -60,12 +68,21 @@ from virnucpro.pipeline.gpu_weights import assign_files_weighted
 
 # Weight of the newest file in a worker's moving-average speed.
 SPEED_SMOOTHING = 0.3
-# A worker that says it is idle this long after an assignment never got it.
+# A worker that says it is idle this long after an assignment never got it; one that says it is idle this long
+# after its copy was revoked is waiting for work.
 LOST_ASSIGNMENT_GRACE = 3.0
 # How many of the latest finishers a thief considers as victims.
 VICTIMS_CONSIDERED = 3
-# How far back from a victim's queue tail a thief looks for a file it may run.
-TAIL_SCAN = 16
+# How many running files, from each end of the predicted-end index, an idle worker considers backing up.
+HOLDERS_CONSIDERED = 4
+# A measured worker's running file is late (taken to be halfway) past this many times its predicted time.
+LATE_TOLERANCE = 1.2
+# A running file is overdue past this many times its predicted time and at least this many seconds over it.
+OVERDUE_FACTOR = 3.0
+OVERDUE_MARGIN = 60.0
+# Ticks further apart than this share of the lease mean the broker itself was not listening (busy, suspended):
+# silence before such a tick is not held against the workers.
+DEAF_SHARE = 0.5
 # Ended jobs kept for status and late results; older ones are forgotten so a long-lived broker stays small.
 KEEP_ENDED_JOBS = 100
 
@@ -74,8 +91,39 @@ class InvariantError(AssertionError):
     """The core's derived bookkeeping disagrees with its primary state: a bug in the core, never bad input."""
 
 
+class ExactSum:
+    """A sum of floats kept exactly, as an integer number of 2**-1074 (the smallest float).
+
+    Adding and removing costs O(1) and never drifts: once every value added
+    has been removed the sum is exactly zero, which a float running sum is
+    not (1.0 + 1.2 - 1.0 - 1.2 leaves 2.2e-16).
+    """
+
+    _SHIFT = 1074
+
+    def __init__(self, values: Iterable[float] = ()) -> None:
+        self.units = sum(map(self._units, values))
+
+    @classmethod
+    def _units(cls, value: float) -> int:
+        numerator, denominator = float(value).as_integer_ratio()
+        return numerator << (cls._SHIFT - denominator.bit_length() + 1)
+
+    def add(self, value: float) -> None:
+        self.units += self._units(value)
+
+    def remove(self, value: float) -> None:
+        self.units -= self._units(value)
+
+    def __truediv__(self, other: ExactSum) -> float:
+        return self.units / other.units  # integers: correctly rounded
+
+    def __float__(self) -> float:
+        return self.units / (1 << self._SHIFT)
+
+
 class Scheduler:
-    """Queues, seeding, stealing, leases and retries for every job the broker holds."""
+    """Queues, seeding, stealing, backup copies, leases and retries for every job the broker holds."""
 
     def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3,
                  max_job_files: int = MAX_JOB_FILES) -> None:
@@ -90,13 +138,21 @@ class Scheduler:
         self.unowned: SortedList = SortedList()  # queued task keys with no capable living worker
         self.counters: dict[str, int] = {}
         self._finishers: SortedList = SortedList()  # (predicted finish, worker id) of workers with a queue
+        self._running_ends: SortedList = SortedList()  # (predicted end of its running file, worker id)
+        self._overdue: dict[str, Worker] = {}  # workers whose running file is overdue
         self._waiting: dict[str, Worker] = {}  # living workers that asked for work and got none yet
+        # Who is offered work at the end of the current event: everyone waiting (files were queued, or a
+        # tick), or only the workers that began waiting during it.
+        self._offer_all = False
+        self._offer: dict[str, Worker] = {}
         # Living workers split by whether they have an observed speed yet.
         self._measured: dict[str, Worker] = {}
         self._unmeasured: dict[str, Worker] = {}
-        # Sums over the living measured workers, recomputed when they change so the scale costs nothing to read.
-        self._measured_speed = 0.0
-        self._measured_weight = 0.0
+        # Exact sums over the living measured workers, so the scale costs nothing to read or to update.
+        self._measured_speed = ExactSum()
+        self._measured_weight = ExactSum()
+        self._last_tick: float | None = None
+        self._listening_since = -math.inf  # the end of the broker's latest deaf spell
         self._job_seq = itertools.count()
         self._handlers: dict[type, Callable[[Any], list[Instruction]]] = {
             WorkerJoined: self._on_joined,
@@ -127,8 +183,11 @@ class Scheduler:
         return status_snapshot(self, now)
 
     def handle(self, event: Event) -> list[Instruction]:
-        """Apply one event; return what the server must do, in order."""
-        return self._handlers[type(event)](event)
+        """Apply one event; return what the server must do, in order (assignments last)."""
+        out = self._handlers[type(event)](event)
+        if self._offer_all or self._offer:
+            out += self._dispatch(event.now)
+        return out
 
     def count(self, reason: str) -> None:
         """Count a dropped message or a discarded event under `reason`."""
@@ -138,7 +197,7 @@ class Scheduler:
 
     def scale(self) -> float:
         """Residues/s per unit of weight, from the living workers measured so far (1.0 before any)."""
-        return self._measured_speed / self._measured_weight if self._measured_weight > 0 else 1.0
+        return self._measured_speed / self._measured_weight if self._measured_weight.units else 1.0
 
     def _set_alive(self, worker: Worker, alive: bool) -> None:
         if worker.alive == alive:
@@ -151,26 +210,22 @@ class Scheduler:
             del group[worker.id]
             self._waiting.pop(worker.id, None)
         if worker.speed:
-            self._rescale()
+            (self._measured_speed.add if alive else self._measured_speed.remove)(worker.speed)
+            (self._measured_weight.add if alive else self._measured_weight.remove)(worker.weight)
+            self._reindex_unmeasured()
 
     def _set_speed(self, worker: Worker, speed: float) -> None:
+        if worker.alive:
+            if worker.speed:
+                self._measured_speed.remove(worker.speed)
+            else:
+                del self._unmeasured[worker.id]
+                self._measured[worker.id] = worker
+                self._measured_weight.add(worker.weight)
+            self._measured_speed.add(speed)
         worker.speed = speed
         if worker.alive:
-            self._unmeasured.pop(worker.id, None)
-            self._measured[worker.id] = worker
-            self._rescale()
-
-    def _rescale(self) -> None:
-        """Recompute the scale after the living measured workers changed, and move the predictions that use it.
-
-        Recomputed rather than adjusted: sums kept by adding and subtracting
-        drift, and once the last measured worker left they would not return to
-        exactly zero (weights 1.0 + 1.2 - 1.0 - 1.2 leave 2.2e-16), leaving a
-        scale of noise, or of zero and a division by zero in the predictions.
-        """
-        self._measured_speed = sum(w.speed or 0.0 for w in self._measured.values())
-        self._measured_weight = sum(w.weight for w in self._measured.values())
-        self._reindex_unmeasured()
+            self._reindex_unmeasured()
 
     def speed_of(self, worker: Worker, scale: float | None = None) -> float:
         """Observed speed once measured, else the weight on the measured workers' scale."""
@@ -178,29 +233,75 @@ class Scheduler:
             return worker.speed
         return worker.weight * (self.scale() if scale is None else scale)
 
+    def remaining(self, worker: Worker, now: float, scale: float | None = None) -> float:
+        """Seconds `worker` is predicted still to need for its running file (0.0 if it runs none).
+
+        Until the file is late, what its prediction leaves (nothing once the
+        prediction is used up). A late file counts as partly done, not done:
+        it is taken to be halfway, needing as long again as it has run so far.
+        Lateness says only that the worker is slower than predicted, by an
+        unknown factor; with nothing known about that factor (a duration of
+        any scale equally likely), the median total of a run that has lasted
+        t is 2t. So the estimate grows while the file stays late, and a
+        straggler soon looks slower than a copy elsewhere would be.
+
+        A file is late once it overruns its prediction when the worker is not
+        measured yet (the prediction is the weight table's guess), and past
+        LATE_TOLERANCE times it when the worker is (its speed is known, and a
+        small overrun is noise: the file's contents, a busy host).
+        """
+        if worker.running is None:
+            return 0.0
+        predicted = self.tasks[worker.running].cost / self.speed_of(worker, scale)
+        elapsed = now - worker.running_since
+        if elapsed < predicted * (LATE_TOLERANCE if worker.speed else 1.0):
+            return max(predicted - elapsed, 0.0)
+        return elapsed
+
     def predicted_finish(self, worker: Worker, now: float, scale: float | None = None) -> float:
-        """When `worker` would finish its running file and then its queue."""
+        """When `worker` would finish its running file and then its queue.
+
+        A running file past its predicted end is taken to end now, unlike in
+        `remaining`: a thief takes a queued file only if it would surely
+        finish it sooner, so the victim's queue end is never overstated.
+        """
         speed = self.speed_of(worker, scale)
         start = now
         if worker.running is not None:
             start = max(now, worker.running_since + self.tasks[worker.running].cost / speed)
         return start + worker.queued_cost / speed
 
+    def is_overdue(self, worker: Worker, now: float, scale: float | None = None) -> bool:
+        """Whether `worker`'s running file is past OVERDUE_FACTOR x its predicted time and OVERDUE_MARGIN s over."""
+        if worker.running is None:
+            return False
+        predicted = self.tasks[worker.running].cost / self.speed_of(worker, scale)
+        elapsed = now - worker.running_since
+        return elapsed > OVERDUE_FACTOR * predicted and elapsed - predicted >= OVERDUE_MARGIN
+
     def _reindex(self, worker: Worker, scale: float | None = None) -> None:
-        """Keep `worker`'s entry in the finish-time index current."""
+        """Keep `worker`'s entries in the finish-time and running-end indexes current."""
         if worker.finish_key is not None:
             self._finishers.discard(worker.finish_key)
             worker.finish_key = None
-        if worker.alive and worker.queue:
+        if worker.running_key is not None:
+            self._running_ends.discard(worker.running_key)
+            worker.running_key = None
+        if not worker.alive:
+            return
+        if worker.queue:
             base = worker.running_since if worker.running is not None else worker.idle_since
             worker.finish_key = (self.predicted_finish(worker, base, scale), worker.id)
             self._finishers.add(worker.finish_key)
+        if worker.running is not None:
+            worker.running_key = (worker.running_since + self.remaining(worker, worker.running_since, scale), worker.id)
+            self._running_ends.add(worker.running_key)
 
     def _reindex_unmeasured(self) -> None:
         # A new scale moves every unmeasured worker's prediction.
         scale = self.scale()
         for worker in self._unmeasured.values():
-            if worker.queue:
+            if worker.queue or worker.running is not None:
                 self._reindex(worker, scale)
 
     # ------------------------------------------------------------ queues
@@ -211,14 +312,17 @@ class Scheduler:
         worker.queue.add(task.key)
         worker.queued_cost += task.cost
         self._reindex(worker)
+        self._offer_all = True
 
-    def _dequeue(self, task: Task) -> None:
+    def _dequeue(self, task: Task, reindex: bool = True) -> None:
+        """Take `task` out of its queue (or the unowned pool). reindex=False: the caller reindexes the owner."""
         if task.owner is not None:
             worker = self.workers[task.owner]
             worker.queue.remove(task.key)
             worker.queued_cost -= task.cost
             task.owner = None
-            self._reindex(worker)
+            if reindex:
+                self._reindex(worker)
         else:
             self.unowned.discard(task.key)
 
@@ -241,6 +345,7 @@ class Scheduler:
             if not workers:
                 for task in group:
                     self.unowned.add(task.key)
+                self._offer_all = True
                 continue
             scale = self.scale()
             if weights_from == "speed":
@@ -251,8 +356,23 @@ class Scheduler:
                 loads = [float(w.queued_cost) for w in workers]
             packed = assign_files_weighted(group, len(workers), weights, costs=[t.cost for t in group], loads=loads)
             for worker, assigned in zip(workers, packed, strict=True):
+                kept = [t for t in assigned if worker.id not in t.excluded]
                 for task in assigned:
-                    self._enqueue(self._retry_target(task, worker, workers, now, scale), task)
+                    if worker.id in task.excluded:
+                        self._enqueue(self._retry_target(task, worker, workers, now, scale), task)
+                self._enqueue_all(worker, kept)
+
+    def _enqueue_all(self, worker: Worker, tasks: list[Task]) -> None:
+        """_enqueue for many tasks at once: one sorted merge and one reindex instead of one per task."""
+        if not tasks:
+            return
+        for task in tasks:
+            task.owner = worker.id
+            task.state = "queued"
+        worker.queue.update(task.key for task in tasks)
+        worker.queued_cost += sum(task.cost for task in tasks)
+        self._reindex(worker)
+        self._offer_all = True
 
     def _retry_target(self, task: Task, worker: Worker, workers: list[Worker], now: float, scale: float) -> Worker:
         """`worker`, unless the file already failed there: then the earliest finisher it has not failed on."""
@@ -262,6 +382,40 @@ class Scheduler:
         if not others:
             return worker  # it failed on every living worker; a retry anywhere is the only retry left
         return min(others, key=lambda w: (self.predicted_finish(w, now, scale) + task.cost / self.speed_of(w, scale), w.id))
+
+    # ------------------------------------------------------------ copies
+
+    def _start_copy(self, worker: Worker, task: Task, now: float) -> None:
+        worker.running = task.id
+        worker.running_since = now
+        task.state = "running"
+        task.running_on |= {worker.id}
+        self._reindex(worker)
+
+    def _end_copy(self, worker: Worker, now: float) -> Task:
+        """Detach `worker` from the copy it runs; return the task. The task's state is the caller's to settle."""
+        assert worker.running is not None
+        task = self.tasks[worker.running]
+        task.running_on -= {worker.id}
+        if task.backup == worker.id:
+            task.backup = None
+        worker.running = None
+        worker.idle_since = now
+        if worker.overdue:
+            worker.overdue = False
+            del self._overdue[worker.id]
+        self._reindex(worker)
+        return task
+
+    def _revoke_copies(self, task: Task, now: float) -> list[Instruction]:
+        """Tell every worker still running a copy of `task` to stop; their results will be discarded."""
+        out: list[Instruction] = []
+        for worker_id in sorted(task.running_on):
+            worker = self.workers[worker_id]
+            out.append(Revoke(worker_id, task.id))
+            task.revoked |= {worker_id}
+            self._end_copy(worker, now)
+        return out
 
     # ------------------------------------------------------------ events
 
@@ -285,11 +439,10 @@ class Scheduler:
             self.workers[event.worker] = worker
         else:
             worker.name, worker.host, worker.gpu, worker.weight = name, event.host, event.gpu, event.weight
-            worker.stages, worker.last_seen = tuple(event.stages), event.now
-            worker.running, worker.idle_since = None, event.now
+            worker.stages, worker.last_seen, worker.idle_since = tuple(event.stages), event.now, event.now
         self._set_alive(worker, True)
         out.append(Notice(f"worker {name} joined: {event.gpu} on {event.host}, weight {event.weight:.2f}"))
-        return out + self._dispatch(event.now)
+        return out
 
     def _on_requested(self, event: WorkRequested) -> list[Instruction]:
         worker = self.workers.get(event.worker)
@@ -300,9 +453,13 @@ class Scheduler:
         out: list[Instruction] = []
         if worker.running is not None:
             # It asks for work, so it is not running what we think it runs.
-            out += self._assignment_lost(worker, worker.running, event.now)
+            out += self._assignment_lost(worker, event.now)
+        self._wait(worker)
+        return out
+
+    def _wait(self, worker: Worker) -> None:
         self._waiting[worker.id] = worker
-        return out + self._dispatch(event.now)
+        self._offer[worker.id] = worker
 
     def _on_heartbeat(self, event: Heartbeat) -> list[Instruction]:
         worker = self.workers.get(event.worker)
@@ -316,15 +473,22 @@ class Scheduler:
             and event.task != worker.running
             and event.now - worker.running_since > LOST_ASSIGNMENT_GRACE
         ):
-            return self._assignment_lost(worker, worker.running, event.now) + self._dispatch(event.now)
+            return self._assignment_lost(worker, event.now)
+        if (
+            worker.running is None
+            and event.task is None
+            and worker.id not in self._waiting
+            and event.now - worker.idle_since > LOST_ASSIGNMENT_GRACE
+        ):
+            # Idle this long and not asking: it never got the file whose copy was then revoked (or its request was
+            # lost), so it waits for work without saying so again.
+            self.count("idle worker that never asked again")
+            self._wait(worker)
         return []
 
-    def _assignment_lost(self, worker: Worker, running: str, now: float) -> list[Instruction]:
-        task = self.tasks[running]
-        task.running_on.discard(worker.id)
-        worker.running = None
-        worker.idle_since = now
-        self._waiting[worker.id] = worker
+    def _assignment_lost(self, worker: Worker, now: float) -> list[Instruction]:
+        task = self._end_copy(worker, now)
+        self._wait(worker)
         self.count("assignment lost in transit")
         if task.state == "running" and not task.running_on:
             self._enqueue(worker, task)
@@ -334,20 +498,20 @@ class Scheduler:
         """Detach a reporting worker from its copy of `task`.
 
         Returns "running" for a copy it was running, "lost" for one it ran
-        when it was taken out of service, None if it had none.
+        when it was taken out of service, "revoked" for one it was told to
+        drop, None if it had none.
         """
         if worker.id in task.running_on:
-            task.running_on.discard(worker.id)
+            self._end_copy(worker, now)
             copy = "running"
         elif worker.id in task.lost_to:
-            task.lost_to.discard(worker.id)
+            task.lost_to -= {worker.id}
             copy = "lost"
+        elif worker.id in task.revoked:
+            task.revoked -= {worker.id}
+            copy = "revoked"
         else:
             return None
-        if worker.running == task.id:
-            worker.running = None
-            worker.idle_since = now
-            self._reindex(worker)
         if worker.alive:
             worker.last_seen = now
         return copy
@@ -355,14 +519,19 @@ class Scheduler:
     def _on_succeeded(self, event: TaskSucceeded) -> list[Instruction]:
         worker = self.workers.get(event.worker)
         task = self.tasks.get(event.task)
-        if worker is None or task is None or not self._finish_copy(worker, task, event.now):
+        by_backup = task is not None and task.backup == event.worker
+        copy = None if worker is None or task is None else self._finish_copy(worker, task, event.now)
+        if worker is None or task is None or copy is None:
             self.count("result for a task the worker was not running")
+            return []
+        if copy == "revoked":
+            self.count("result of a revoked copy discarded")
             return []
         job = task.job
         late_success = task.state == "failed" and job.open
         if task.state not in ("queued", "running") and not late_success:
             self.count("duplicate result discarded")
-            return self._dispatch(event.now)
+            return []
         out: list[Instruction] = []
         if late_success:
             job.failed -= 1
@@ -370,19 +539,26 @@ class Scheduler:
         task.state = "done"
         job.done += 1
         job.residues_done += task.cost
-        for other in sorted(task.running_on):
-            out.append(Revoke(other, task.id))
-            self._free(self.workers[other], event.now)
-        task.running_on.clear()
+        for other in task.running_on:
+            wasted = event.now - self.workers[other].running_since
+            job.wasted_seconds += wasted
+            self._stats(self.workers[other], job).wasted_seconds += wasted
+        out += self._revoke_copies(task, event.now)
+        if by_backup:
+            job.backups_won += 1
+            self._stats(worker, job).backups += 1
         if not event.skipped:
-            out.append(self._record_done(worker, task, event.seconds, event.now))
-        out += self._maybe_finish(job, event.now)
-        return out + self._dispatch(event.now)
+            out.append(self._record_done(worker, task, event.seconds, event.now, by_backup))
+        return out + self._maybe_finish(job, event.now)
 
-    def _record_done(self, worker: Worker, task: Task, seconds: float, now: float) -> Log:
+    @staticmethod
+    def _stats(worker: Worker, job: Job) -> WorkerStats:
+        return worker.per_job.setdefault(job.id, WorkerStats())
+
+    def _record_done(self, worker: Worker, task: Task, seconds: float, now: float, backup: bool) -> Log:
         job = task.job
         stolen = task.seeded_to is not None and task.seeded_to != worker.id
-        stats = worker.per_job.setdefault(job.id, WorkerStats())
+        stats = self._stats(worker, job)
         stats.files += 1
         stats.residues += task.cost
         stats.busy_seconds += seconds
@@ -401,7 +577,7 @@ class Scheduler:
             predicted_weight=worker.weight, file=task.spec.path,
             sequences=task.spec.sequences, residues=task.cost, seconds=seconds,
             residues_per_s=task.cost / seconds if seconds > 0 else None,
-            stolen=stolen,
+            stolen=stolen, backup=backup,
         ))
 
     def _on_failed(self, event: TaskFailed) -> list[Instruction]:
@@ -411,14 +587,17 @@ class Scheduler:
         if worker is None or task is None or copy is None:
             self.count("result for a task the worker was not running")
             return []
+        if copy == "revoked":
+            self.count("result of a revoked copy discarded")
+            return []
         if task.state != "running" or copy == "lost":
             # A lost copy's failure was settled when its worker was taken out.
-            return self._dispatch(event.now)
-        return self._attempt_failed(task, worker, event.reason, event.now) + self._dispatch(event.now)
+            return []
+        return self._attempt_failed(task, worker, event.reason, event.now)
 
     def _attempt_failed(self, task: Task, worker: Worker, reason: str, now: float) -> list[Instruction]:
-        task.attempts.append({"worker": worker.name, "reason": reason})
-        task.excluded.add(worker.id)
+        task.attempts += ({"worker": worker.name, "reason": reason},)
+        task.excluded |= {worker.id}
         if task.running_on:
             return []  # another copy is still running
         if len(task.attempts) >= self.max_attempts:
@@ -433,17 +612,40 @@ class Scheduler:
         worker = self.workers.get(event.worker)
         if worker is None or not worker.alive:
             return []
-        return self._take_out(worker, event.now, reason="worker left while running it") + self._dispatch(event.now)
+        return self._take_out(worker, event.now, reason="worker left while running it")
 
     def _on_tick(self, event: Tick) -> list[Instruction]:
+        now = event.now
+        if self._last_tick is not None and now - self._last_tick > DEAF_SHARE * self.worker_timeout:
+            self._listening_since = now  # it could not hear them: their silence until now proves nothing
+        self._last_tick = now
         out: list[Instruction] = []
-        for worker in list(self.workers.values()):
-            silent = event.now - worker.last_seen
-            if worker.alive and silent > self.worker_timeout:
-                out.append(Notice(f"worker {worker.name} silent for {silent:.1f} s: declared dead"))
-                out += self._take_out(worker, event.now, reason=f"worker {worker.name} died (silent {silent:.0f} s)")
-        if out:
-            out += self._dispatch(event.now)
+        cutoff = now - self.worker_timeout  # heard before this (and since the broker listened): silent too long
+        if self._listening_since < cutoff:
+            for worker in [w for w in self.workers.values() if w.alive and w.last_seen < cutoff]:
+                quiet = now - worker.last_seen
+                out.append(Notice(f"worker {worker.name} silent for {quiet:.1f} s: declared dead"))
+                out += self._take_out(worker, now, reason=f"worker {worker.name} died (silent {quiet:.0f} s)")
+        out += self._find_overdue(now)
+        self._offer_all = True  # time passing opens steals and backup copies that were not worth it before
+        return out
+
+    def _find_overdue(self, now: float) -> list[Instruction]:
+        """Flag the running files that became overdue: only those OVERDUE_MARGIN past their predicted end can be."""
+        out: list[Instruction] = []
+        scale = self.scale()
+        for end, worker_id in self._running_ends:
+            if end > now - OVERDUE_MARGIN:
+                break
+            worker = self.workers[worker_id]
+            if worker.overdue or not self.is_overdue(worker, now, scale):
+                continue
+            worker.overdue = True
+            self._overdue[worker_id] = worker
+            assert worker.running is not None
+            task = self.tasks[worker.running]
+            out.append(Notice(f"{task.spec.path} is overdue on {worker.name}: running for "
+                              f"{now - worker.running_since:.0f} s, predicted {end - worker.running_since:.0f} s"))
         return out
 
     def _take_out(self, worker: Worker, now: float, reason: str | None) -> list[Instruction]:
@@ -455,29 +657,21 @@ class Scheduler:
         way the worker's late result for it is still accepted.
         """
         out: list[Instruction] = []
+        running = self._end_copy(worker, now) if worker.running is not None else None
         self._set_alive(worker, False)
         queued = [self.tasks[key[-1]] for key in worker.queue]
         for task in queued:
             self._dequeue(task)
         self._distribute([t for t in queued if t.job.open], now, weights_from="speed")
-        if worker.running is not None:
-            task = self.tasks[worker.running]
-            worker.running = None
-            task.running_on.discard(worker.id)
-            task.lost_to.add(worker.id)
-            if task.state == "running" and task.job.open:
+        if running is not None:
+            running.lost_to |= {worker.id}
+            if running.state == "running" and running.job.open:
                 if reason is None:
-                    if not task.running_on:
-                        self._distribute([task], now, weights_from="speed")
+                    if not running.running_on:
+                        self._distribute([running], now, weights_from="speed")
                 else:
-                    out += self._attempt_failed(task, worker, reason, now)
+                    out += self._attempt_failed(running, worker, reason, now)
         return out
-
-    def _free(self, worker: Worker, now: float) -> None:
-        if worker.running is not None:
-            worker.running = None
-            worker.idle_since = now
-            self._reindex(worker)
 
     def _on_submitted(self, event: JobSubmitted) -> list[Instruction]:
         if event.job in self.jobs:
@@ -485,7 +679,8 @@ class Scheduler:
             return []
         job = Job(
             id=event.job, seq=next(self._job_seq), stage=event.stage, output_dir=event.output_dir,
-            weighted=event.weighted, steal=event.steal, submitted=event.now, sealed=event.sealed,
+            weighted=event.weighted, steal=event.steal, backup=event.backup, submitted=event.now,
+            sealed=event.sealed,
         )
         self.jobs[job.id] = job
         out = self._seed_files(job, event.files, event.now)
@@ -553,47 +748,49 @@ class Scheduler:
             if task.state not in ("queued", "running"):
                 continue
             self._dequeue(task)
-            for worker_id in sorted(task.running_on):
-                out.append(Revoke(worker_id, task.id))
-                self._free(self.workers[worker_id], event.now)
-            task.running_on.clear()
+            out += self._revoke_copies(task, event.now)
             task.state = "cancelled"
         job.state = "cancelled"
         job.finished = event.now
         out.append(JobFinished(job.id, job_report(job, self.workers.values())))
         self._forget_old_jobs()
-        return out + self._dispatch(event.now)
+        return out
 
     # ---------------------------------------------------------- dispatch
 
     def _dispatch(self, now: float) -> list[Instruction]:
-        """Give work to every waiting worker that can get some."""
+        """Offer work to the waiting workers due an offer: all of them after files were queued or at a tick,
+        else those that began waiting during this event."""
+        offered = list((self._waiting if self._offer_all else self._offer).values())
+        self._offer_all = False
+        self._offer = {}
         out: list[Instruction] = []
-        for worker in list(self._waiting.values()):
+        for worker in offered:
+            if self._waiting.get(worker.id) is not worker:
+                continue
             task = self._next_for(worker, now)
             if task is None:
                 continue
             del self._waiting[worker.id]
-            worker.running = task.id
-            worker.running_since = now
-            task.state = "running"
-            task.running_on.add(worker.id)
-            self._reindex(worker)
+            if task.state == "running":
+                out.append(self._back_up(worker, task, now))
+            self._start_copy(worker, task, now)
             out.append(Assign(worker.id, task.id, task.job.id, task.job.stage, task.spec.path, task.spec.output,
                               task.spec.paired))
         return out
 
     def _next_for(self, worker: Worker, now: float) -> Task | None:
+        """The file `worker` runs next: its own queue's first, an unowned one, a stolen one, or a backup copy."""
         if worker.queue:
             task = self.tasks[worker.queue[0][-1]]
-            self._dequeue(task)
+            self._dequeue(task, reindex=False)  # it starts the file at once, which reindexes it
             return task
         for key in self.unowned:
             task = self.tasks[key[-1]]
             if task.job.stage in worker.stages and self._may_retry_on(task, worker):
                 self._dequeue(task)
                 return task
-        return self._steal_for(worker, now)
+        return self._steal_for(worker, now) or self._backup_for(worker, now)
 
     def _may_retry_on(self, task: Task, worker: Worker) -> bool:
         """A file goes back to a worker it failed on only when it failed on every capable living worker."""
@@ -602,7 +799,21 @@ class Scheduler:
         return all(w.id in task.excluded for w in self.capable(task.job.stage))
 
     def _steal_for(self, thief: Worker, now: float) -> Task | None:
-        """The last queued file of a late finisher, if the thief would finish it before its owner."""
+        """A queued file of another worker for the idle `thief`, or None.
+
+        Files queued behind an overdue file go to any thief, the next one due
+        first. Otherwise the victims are the workers predicted to finish last,
+        latest first, and from the first that has one the thief takes the
+        largest queued file it would finish before that victim's queue would
+        end: the thief then ends before the victim would have, and the victim
+        ends earlier, so the tail shortens; taking the largest such file
+        leaves the victim's smaller files, which finish its queue evenly.
+        """
+        for victim in self._overdue.values():
+            if victim is not thief:
+                task = self._stealable(victim, thief, budget=math.inf)
+                if task is not None:
+                    return self._steal(task, victim, thief)
         scale = self.scale()
         thief_speed = self.speed_of(thief, scale)
         considered = 0
@@ -613,22 +824,100 @@ class Scheduler:
             if considered == VICTIMS_CONSIDERED:
                 break
             considered += 1
-            victim_speed = self.speed_of(victim, scale)
-            # The owner finishes its queue tail last, each file before it one file-time earlier.
-            owner_finish = self.predicted_finish(victim, now, scale)
-            start = max(0, len(victim.queue) - TAIL_SCAN)
-            for key in victim.queue.islice(start, reverse=True):
-                task = self.tasks[key[-1]]
-                if task.job.steal and task.job.stage in thief.stages and thief.id not in task.excluded:
-                    if now + task.cost / thief_speed >= owner_finish:
-                        break  # files nearer the front are larger and due sooner: no better
-                    self._dequeue(task)
-                    victim.steals_out += 1
-                    thief.steals_in += 1
-                    task.job.steals += 1
-                    return task
-                owner_finish -= task.cost / victim_speed
+            # Residues the thief can run before the victim's queue would end.
+            budget = (self.predicted_finish(victim, now, scale) - now) * thief_speed
+            task = self._stealable(victim, thief, budget)
+            if task is not None:
+                return self._steal(task, victim, thief)
         return None
+
+    def _stealable(self, victim: Worker, thief: Worker, budget: float) -> Task | None:
+        """The first file in `victim`'s queue (oldest job, largest file) of fewer than `budget` residues that
+        `thief` may take. A binary search per job in the queue."""
+        queue = victim.queue
+        index = 0
+        while index < len(queue):
+            seq = queue[index][0]
+            job = self.tasks[queue[index][-1]].job
+            end = queue.bisect_left((seq + 1,))
+            if job.steal and job.stage in thief.stages:
+                # Keys are (job seq, -cost, ...): those of fewer than `budget` residues sort after (seq, -budget).
+                for position in range(max(index, queue.bisect_left((seq, -budget, math.inf))), end):
+                    task = self.tasks[queue[position][-1]]
+                    if thief.id not in task.excluded:
+                        return task
+            index = end
+        return None
+
+    def _steal(self, task: Task, victim: Worker, thief: Worker) -> Task:
+        self._dequeue(task)
+        victim.steals_out += 1
+        thief.steals_in += 1
+        task.job.steals += 1
+        return task
+
+    def _backup_for(self, thief: Worker, now: float) -> Task | None:
+        """A file in flight elsewhere that the idle `thief` would finish sooner than its holder, or None.
+
+        The holders considered are the overdue ones and those whose running
+        file is predicted to end last and first (HOLDERS_CONSIDERED of each);
+        the file backed up is the one whose holder is predicted to finish
+        last, an overdue holder before any other. A file gets one backup copy
+        at a time.
+        """
+        if not any(job.backs_up for job in self.jobs.values()):
+            return None
+        scale = self.scale()
+        thief_speed = self.speed_of(thief, scale)
+        best: Task | None = None
+        best_finish = -math.inf
+        for holder, task in self._holders():
+            if holder is thief or not self._may_back_up(task, thief):
+                continue
+            remaining = self.remaining(holder, now, scale)
+            if holder.overdue:
+                finish = math.inf
+            elif task.cost / thief_speed < remaining:
+                finish = now + remaining
+            else:
+                continue
+            if finish > best_finish:
+                best, best_finish = task, finish
+        return best
+
+    def _holders(self) -> Iterator[tuple[Worker, Task]]:
+        """(worker, the task it runs): the overdue ones, then the latest and earliest predicted ends of the
+        running files, each once."""
+        ends = self._running_ends
+        latest = ends.islice(max(0, len(ends) - HOLDERS_CONSIDERED), reverse=True)
+        earliest = ends.islice(0, min(HOLDERS_CONSIDERED, max(0, len(ends) - HOLDERS_CONSIDERED)))
+        overdue = [(None, worker_id) for worker_id in self._overdue]
+        seen: set[str] = set()
+        for _, worker_id in itertools.chain(overdue, latest, earliest):
+            if worker_id not in seen:
+                seen.add(worker_id)
+                holder = self.workers[worker_id]
+                assert holder.running is not None
+                yield holder, self.tasks[holder.running]
+
+    def _may_back_up(self, task: Task, thief: Worker) -> bool:
+        """One backup copy at a time, of a job that allows them, on a worker the file has not failed on, and never
+        one that could take the file past its allowed attempts if both copies failed. No backup of a stage
+        whose time the workers' speeds do not predict (classify): the copy would be a guess."""
+        return (
+            task.state == "running" and task.backup is None and len(task.running_on) == 1 and task.job.backs_up
+            and task.job.stage not in UNTIMED_STAGES
+            and task.job.stage in thief.stages and thief.id not in task.excluded
+            and len(task.attempts) + 2 <= self.max_attempts
+        )
+
+    def _back_up(self, thief: Worker, task: Task, now: float) -> Notice:
+        (holder_id,) = task.running_on
+        holder = self.workers[holder_id]
+        task.backup = thief.id
+        task.job.backups += 1
+        why = "overdue" if holder.overdue else f"predicted to need {self.remaining(holder, now):.1f} s more"
+        return Notice(f"backup copy of {task.spec.path} on {thief.name}: {holder.name} is {why}")
 
     # ---------------------------------------------------------- endings
 
@@ -663,8 +952,9 @@ class Scheduler:
         The primary state is each job's task list, each task's state, owner and
         running copies, and each worker's liveness, running file, queue and
         speed. Derived from it and kept as it changes: the task index, queued
-        costs, the unowned pool, the finish-time index, the waiting, measured
-        and unmeasured sets, the measured sums and the job counters. Raises
+        costs, the unowned pool, the finish-time and running-end indexes, the
+        waiting, overdue, measured and unmeasured sets, the measured sums, the
+        backup and revoked copies and the job counters. Raises
         InvariantError naming the invariant and the worker, task or job.
         O(workers + tasks) per call, so the tests and the simulator call it
         after every event.
@@ -674,6 +964,7 @@ class Scheduler:
         self._validate_workers()
         self._validate_speeds()
         self._validate_finish_index()
+        self._validate_running_index()
         self._validate_jobs()
 
     def _validate_tasks(self) -> None:
@@ -704,9 +995,18 @@ class Scheduler:
                         f"running copies: task {task.id} has a copy on {worker_id}, which is not a living worker "
                         f"running it"
                     )
-            for worker_id in task.lost_to:
+            for worker_id in task.lost_to | task.revoked:
                 if worker_id not in self.workers:
-                    raise InvariantError(f"lost copies: task {task.id} was lost to unknown worker {worker_id}")
+                    raise InvariantError(f"lost or revoked copies: task {task.id} names unknown worker {worker_id}")
+            if task.revoked & task.running_on:
+                raise InvariantError(f"revoked copies: task {task.id} still runs on {sorted(task.revoked & task.running_on)}")
+            if len(task.running_on) > 2 or (len(task.running_on) == 2) != (task.backup is not None) and (
+                len(task.running_on) == 2 or task.backup not in task.running_on
+            ):
+                raise InvariantError(
+                    f"backup copies: task {task.id} runs on {sorted(task.running_on)} with backup {task.backup}; "
+                    f"a file runs once, or twice with one backup copy"
+                )
 
     def _validate_queues(self) -> None:
         """Every queued task is held exactly once: in its owner's queue, or in the unowned pool if it has none."""
@@ -748,6 +1048,14 @@ class Scheduler:
                     )
             if any(job_id not in self.jobs for job_id in worker.per_job):
                 raise InvariantError(f"worker stats: {worker.id} keeps figures of a forgotten job")
+        overdue = {w.id for w in self.workers.values() if w.overdue}
+        if overdue != set(self._overdue) or any(self.workers[i] is not w for i, w in self._overdue.items()):
+            raise InvariantError(f"overdue set: holds {sorted(self._overdue)}, the workers say {sorted(overdue)}")
+        for worker_id in overdue:
+            if self.workers[worker_id].running is None:
+                raise InvariantError(f"overdue set: {worker_id} is overdue but runs nothing")
+        if self._offer or self._offer_all:
+            raise InvariantError(f"offers: {sorted(self._offer)} (all: {self._offer_all}) left after the event")
         for worker_id, worker in self._waiting.items():
             if self.workers.get(worker_id) is not worker or not worker.alive or worker.running is not None:
                 raise InvariantError(f"waiting set: {worker_id} waits but is not a living idle worker")
@@ -781,6 +1089,24 @@ class Scheduler:
                 f"finish index: {len(self._finishers)} entries for {indexed} living workers with a queue"
             )
 
+    def _validate_running_index(self) -> None:
+        scale = self.scale()
+        indexed = 0
+        for worker in self.workers.values():
+            key = worker.running_key
+            if worker.running is None:
+                if key is not None:
+                    raise InvariantError(f"running-end index: worker {worker.id} runs nothing but has an entry {key}")
+                continue
+            indexed += 1
+            predicted = worker.running_since + self.remaining(worker, worker.running_since, scale)
+            if key != (predicted, worker.id) or key not in self._running_ends:
+                raise InvariantError(
+                    f"running-end index: worker {worker.id} is indexed as {key}, its running file ends at {predicted}"
+                )
+        if indexed != len(self._running_ends):
+            raise InvariantError(f"running-end index: {len(self._running_ends)} entries for {indexed} running workers")
+
     def _validate_speeds(self) -> None:
         living = [w for w in self.workers.values() if w.alive]
         for name, recorded, expected in (
@@ -791,11 +1117,13 @@ class Scheduler:
                 raise InvariantError(f"{name}: holds {sorted(recorded)}, the living workers say {sorted(expected)}")
         measured = [w for w in living if w.speed]
         for name, recorded_sum, recomputed in (
-            ("_measured_speed", self._measured_speed, sum(w.speed or 0.0 for w in measured)),
-            ("_measured_weight", self._measured_weight, sum(w.weight for w in measured)),
+            ("_measured_speed", self._measured_speed, ExactSum(w.speed or 0.0 for w in measured)),
+            ("_measured_weight", self._measured_weight, ExactSum(w.weight for w in measured)),
         ):
-            if not math.isclose(recorded_sum, recomputed, rel_tol=1e-9, abs_tol=1e-12):
-                raise InvariantError(f"{name}: records {recorded_sum}, the living measured workers sum to {recomputed}")
+            if recorded_sum.units != recomputed.units:
+                raise InvariantError(
+                    f"{name}: records {float(recorded_sum)}, the living measured workers sum to {float(recomputed)}"
+                )
 
     def _validate_jobs(self) -> None:
         for job_id, job in self.jobs.items():
@@ -820,6 +1148,16 @@ class Scheduler:
             residues = sum(t.cost for t in done)
             if job.residues_done != residues:
                 raise InvariantError(f"residues_done: job {job.id} counts {job.residues_done}, its done tasks {residues}")
+            stats = [w.per_job[job.id] for w in self.workers.values() if job.id in w.per_job]
+            backing_up = sum(1 for t in job.tasks if t.backup is not None)
+            if sum(s.backups for s in stats) != job.backups_won or job.backups_won + backing_up > job.backups:
+                raise InvariantError(
+                    f"backup counters: job {job.id} counts {job.backups} started, {job.backups_won} won, "
+                    f"{backing_up} running; its workers won {sum(s.backups for s in stats)}"
+                )
+            wasted = math.fsum(s.wasted_seconds for s in stats)
+            if job.wasted_seconds < 0 or not math.isclose(job.wasted_seconds, wasted, rel_tol=1e-9, abs_tol=1e-9):
+                raise InvariantError(f"wasted seconds: job {job.id} counts {job.wasted_seconds}, its workers {wasted}")
             ended = job.done + job.failed == len(job.tasks)
             if job.open and (ended and job.sealed or job.finished is not None):
                 raise InvariantError(f"job state: job {job.id} is running sealed with every task ended, or has an "

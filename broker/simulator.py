@@ -1,11 +1,13 @@
 """The discrete-event simulator: the real scheduler core against workers of given true speeds, in simulated time.
 
 The core that ships is driven by an event loop instead of sockets: each file
-takes cost / true speed seconds, living workers heartbeat every second, the
-broker ticks every second, and a worker that dies never answers again. So a
+takes cost / true speed seconds, living workers heartbeat and the broker
+ticks every heartbeat interval (a second unless told), and a worker that dies
+never answers again. So a
 policy measured here is the policy the broker runs, at any scale, in seconds
 of real time. tools/simulate.py compares policies with it; the tests drive it
-for their property and makespan checks.
+for their property and makespan checks. pull_queue_makespan is the yardstick
+beside it: a plain pull queue on the same simulated workers.
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ class SimWorker:
     joins_at: float = 0.0
     dies_at: float | None = None  # from then on it never answers
     stall: tuple[float, float] | None = None  # cut off in both directions between these times; runs on meanwhile
+    overhead: float = 0.0  # seconds per file beyond cost / speed (publishing, the round trip), not in its `seconds`
+    slows: tuple[float, float] | None = None  # (at, speed): from simulated time `at` on it runs at this speed
+
+    def seconds_for(self, cost: int, start: float) -> float:
+        """How long a file of `cost` residues started at `start` runs, across a change of speed if one falls due."""
+        if self.slows is None or start + cost / self.speed <= self.slows[0]:
+            return cost / self.speed
+        before = max(0.0, self.slows[0] - start)
+        return before + (cost - before * self.speed) / self.slows[1]
     stages: tuple[str, ...] = (STAGE,)
 
 
@@ -63,6 +74,7 @@ class SimJob:
     costs: Sequence[int]
     weighted: bool = False
     steal: bool = True
+    backup: bool = True
     at: float = 0.0
     poison: frozenset[int] = frozenset()  # file indices that fail on every worker
 
@@ -82,13 +94,18 @@ class SimResult:
 
 
 def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_timeout: float = 10.0,
-             max_attempts: int = 3, horizon: float = 100_000.0, validate: bool = False) -> SimResult:
+             max_attempts: int = 3, horizon: float = 100_000.0, validate: bool = False,
+             heartbeat_interval: float = 1.0, scheduler: Scheduler | None = None) -> SimResult:
     """Play `workers` against the core until every job finished or `horizon` seconds of simulated time passed.
 
     validate: check the core's invariants (Scheduler.validate) after every event;
     the tests turn it on, a maintainer comparing policies at full scale need not.
+    heartbeat_interval: how often the broker ticks and each living worker heartbeats.
+    scheduler: the core to drive (one that records its own timings, say); default a new Scheduler with
+    worker_timeout and max_attempts.
     """
-    scheduler = Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts)
+    if scheduler is None:
+        scheduler = Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts)
     result = SimResult(scheduler=scheduler)
     by_id = {w.id: w for w in workers}
     joined: set[str] = set()
@@ -109,7 +126,7 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             push(w.dies_at, "die", w.id)
     for job in jobs:
         push(job.at, "submit", job)
-    push(1.0, "tick")
+    push(heartbeat_interval, "tick")
 
     def handle(event: Event) -> None:
         out = scheduler.handle(event)
@@ -139,8 +156,8 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
                 if int(index) in poison[job_id]:
                     push(now + 0.5, "fail", (wid, instruction.task, token[wid]))
                 else:
-                    seconds = costs[job_id][int(index)] / by_id[wid].speed
-                    push(now + seconds, "done", (wid, instruction.task, token[wid], seconds))
+                    seconds = by_id[wid].seconds_for(costs[job_id][int(index)], now)
+                    push(now + seconds + by_id[wid].overhead, "done", (wid, instruction.task, token[wid], seconds))
             elif isinstance(instruction, Revoke):
                 wid = instruction.worker
                 if wid not in crashed and not stalled(wid, now) and running[wid] == instruction.task:
@@ -161,6 +178,7 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
                     result.worker_summaries.append(instruction.record)
 
     now = 0.0
+    beating: list[str] | None = None  # the workers that heartbeat, in order; None: work it out again
     while pending and len(result.reports) < len(jobs):
         now, _, kind, payload = heapq.heappop(pending)
         if now > horizon:
@@ -184,16 +202,18 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             if payload in crashed:
                 continue
             joined.add(payload)
+            beating = None
             running[payload] = None
             token[payload] += 1
             handle(WorkerJoined(w.id, w.id, "sim", f"GPU-{w.id}", w.weight, w.stages, now))
             handle(WorkRequested(w.id, now))
         elif kind == "die":
             crashed.add(payload)
+            beating = None
         elif kind == "submit":
             sim_job: SimJob = payload
             handle(JobSubmitted(sim_job.id, STAGE, f"out/{sim_job.id}", file_specs(sim_job.costs, f"{sim_job.id}-"),
-                                sim_job.weighted, sim_job.steal, now))
+                                sim_job.weighted, sim_job.steal, now, sim_job.backup))
         elif kind in ("done", "fail"):
             wid, task, tok = payload[:3]
             if wid in crashed or token[wid] != tok:
@@ -212,11 +232,30 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             if running[wid] is None:
                 handle(WorkRequested(wid, now))
         elif kind == "tick":
-            for wid in sorted(joined - crashed):
+            if beating is None:
+                beating = sorted(joined - crashed)
+            for wid in beating:
                 if stalled(wid, now):
                     continue
                 handle(Heartbeat(wid, running[wid], now))
             handle(Tick(now))
-            push(now + 1.0, "tick")
+            push(now + heartbeat_interval, "tick")
     result.end = now
     return result
+
+
+def pull_queue_makespan(costs: Sequence[int], workers: Sequence[SimWorker]) -> float:
+    """The makespan of a plain pull queue on these workers: each free worker takes the largest file left.
+
+    Same simulated workers (their speed, slowdown and per-file overhead), no
+    broker: the yardstick this broker's policies are measured against.
+    """
+    free = [(w.joins_at, n) for n, w in enumerate(workers)]
+    heapq.heapify(free)
+    end = 0.0
+    for cost in sorted(costs, reverse=True):
+        at, n = heapq.heappop(free)
+        done = at + workers[n].seconds_for(cost, at) + workers[n].overhead
+        end = max(end, done)
+        heapq.heappush(free, (done, n))
+    return end

@@ -12,7 +12,7 @@ TASK_STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_STATES = ("running", "finished", "cancelled")
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class Task:
     id: str
     job: Job
@@ -21,19 +21,21 @@ class Task:
     seeded_to: str | None = None
     owner: str | None = None  # worker whose queue holds it, while queued
     state: str = "queued"  # queued | running | done | failed | cancelled
-    running_on: set[str] = field(default_factory=set)  # living workers running a copy
-    lost_to: set[str] = field(default_factory=set)  # workers taken out while running it; their result still counts
-    excluded: set[str] = field(default_factory=set)  # workers it failed on
-    attempts: list[dict[str, str]] = field(default_factory=list)
+    # Sets of worker ids. Immutable, replaced when they change: most tasks never hold any, and a job of
+    # 200,000 tasks that allocated five containers each would keep the garbage collector busy for seconds.
+    running_on: frozenset[str] = frozenset()  # living workers running a copy
+    backup: str | None = None  # the worker of running_on whose copy is a backup (at most one at a time)
+    lost_to: frozenset[str] = frozenset()  # workers taken out while running it; their result still counts
+    revoked: frozenset[str] = frozenset()  # workers told to drop their copy; their result is discarded
+    excluded: frozenset[str] = frozenset()  # workers it failed on
+    attempts: tuple[dict[str, str], ...] = ()
+    # Fixed at creation, read at every decision: plain attributes rather than properties.
+    cost: int = field(init=False)  # its residues
+    key: tuple[int, int, int, str] = field(init=False)  # queue order: older job first, then largest file first
 
-    @property
-    def cost(self) -> int:
-        return self.spec.residues
-
-    @property
-    def key(self) -> tuple[int, int, int, str]:
-        # Queue order: older job first, then largest file first.
-        return (self.job.seq, -self.cost, self.index, self.id)
+    def __post_init__(self) -> None:
+        self.cost = self.spec.residues
+        self.key = (self.job.seq, -self.cost, self.index, self.id)
 
 
 @dataclass
@@ -42,6 +44,8 @@ class WorkerStats:
     residues: int = 0
     busy_seconds: float = 0.0
     stolen: int = 0
+    backups: int = 0  # files it finished as a backup copy, before the copy it backed up
+    wasted_seconds: float = 0.0  # spent on copies revoked because another copy of the file finished first
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Worker:
     queued_cost: int = 0
     speed: float | None = None  # observed residues/s, moving average
     finish_key: tuple[float, str] | None = None  # its entry in Scheduler._finishers
+    running_key: tuple[float, str] | None = None  # its entry in Scheduler._running_ends
+    overdue: bool = False  # its running file is overdue (found at a tick)
     done_files: int = 0
     steals_in: int = 0
     steals_out: int = 0
@@ -76,6 +82,7 @@ class Job:
     output_dir: str
     weighted: bool
     steal: bool
+    backup: bool  # backup copies of straggling files, when steal is on too
     submitted: float
     sealed: bool = True  # False while the client may still add files
     tasks: list[Task] = field(default_factory=list)
@@ -84,9 +91,17 @@ class Job:
     failed: int = 0
     residues_done: int = 0
     steals: int = 0
+    backups: int = 0  # backup copies started
+    backups_won: int = 0  # files a backup copy finished first
+    wasted_seconds: float = 0.0  # run by copies revoked because another copy finished first
     finished: float | None = None
     state: str = "running"  # running | finished | cancelled
 
     @property
     def open(self) -> bool:
         return self.state == "running"
+
+    @property
+    def backs_up(self) -> bool:
+        """Whether an idle worker may run a backup copy of this job's straggling files."""
+        return self.open and self.steal and self.backup

@@ -37,19 +37,24 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
         util, memory = _gauges(w.get("gauges"))
         workers.add_row(
             w["worker"], w["gpu"], _weight(w["predicted_weight"]), _weight(w["observed_weight"]),
-            "n/a" if w.get("speed") is None else f"{w['speed']:,.0f}", str(w["queue"]), (w["running"] or "").rsplit("/", 1)[-1], _seconds(w["running_for"]),
+            "n/a" if w.get("speed") is None else f"{w['speed']:,.0f}", str(w["queue"]),
+            (w["running"] or "").rsplit("/", 1)[-1] + (" (overdue)" if w.get("overdue") else ""), _seconds(w["running_for"]),
             str(w["files_done"]), f"{w['steals_in']}/{w['steals_out']}", util, memory,
             "alive" if w["alive"] else "dead",
         )
     jobs = Table(title="jobs", title_justify="left")
-    for column in ("job", "stage", "state", "done", "failed", "running", "files", "steals", "policy", "finish in"):
+    for column in ("job", "stage", "state", "done", "failed", "running", "files", "steals", "backups won/started",
+                   "wasted", "policy", "finish in"):
         jobs.add_column(column)
     for j in snapshot["jobs"]:
-        policy = ",".join(p for p, on in (("weighted", j["weighted"]), ("steal", j["steal"])) if on) or "static"
+        backup = j.get("backup", False) and j["steal"]
+        policy = ",".join(p for p, on in (("weighted", j["weighted"]), ("steal", j["steal"]), ("backup", backup))
+                          if on) or "static"
         # An open job (not sealed) may still get files: its count is so far.
         state = j["state"] if j.get("sealed", True) or j["state"] != "running" else "open"
         jobs.add_row(j["job"], j["stage"], state, str(j["done"]), str(j["failed"]), str(j["running"]),
-                     str(j["files"]), str(j["steals"]), policy, _seconds(j.get("eta_seconds")))
+                     str(j["files"]), str(j["steals"]), f"{j.get('backups_won', 0)}/{j.get('backups', 0)}",
+                     f"{j.get('wasted_seconds', 0.0):.1f} s", policy, _seconds(j.get("eta_seconds")))
     counters = Table(title="dropped or discarded messages", title_justify="left")
     counters.add_column("reason")
     counters.add_column("count", justify="right")

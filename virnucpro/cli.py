@@ -59,6 +59,21 @@ def _worker_gpus(ctx: click.Context, param: click.Parameter, value: str | None) 
     return "all" if value == "all" else _gpu_list(ctx, param, value)
 
 
+def _speed_change(value: str | None) -> tuple[float, float] | None:
+    """T:R of --synthetic-speed-change as (T seconds, R residues/s)."""
+    if value is None:
+        return None
+    after, _, speed = value.partition(":")
+    try:
+        parsed = float(after), float(speed)
+    except ValueError:
+        parsed = (-1.0, 0.0)
+    if not (parsed[0] >= 0 and parsed[1] > 0):
+        raise click.BadParameter(f"{value!r}: write T:R, seconds after the first file (>= 0) and the new speed "
+                                 "in residues/s (> 0), e.g. 5:1000", param_hint="--synthetic-speed-change")
+    return parsed
+
+
 @cli.command()
 @click.option("--broker", "address", default=None, metavar="ADDR", help=BROKER_HELP)
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda:N", help="Device to run models on.")
@@ -69,6 +84,9 @@ def _worker_gpus(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Device name for the weight lookup [default: what torch reports for --device].")
 @click.option("--synthetic-speed", type=click.FloatRange(min=0, min_open=True), default=None, metavar="R",
               help="Be a synthetic device serving the `synthetic` stage at R residues/s (no model, no torch).")
+@click.option("--synthetic-speed-change", "synthetic_change", default=None, metavar="T:R",
+              callback=lambda ctx, param, value: _speed_change(value),
+              help="With --synthetic-speed: run at R residues/s from T seconds after the first file starts.")
 @click.option("--name", default=None, help="Name in logs and status [default: host:device; with --gpus, "
                                            "each worker is NAME:cuda:N, NAME defaulting to host].")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(list(MODEL_STAGES)),
@@ -83,9 +101,9 @@ def _worker_gpus(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Seconds of broker silence before reconnecting.")
 @click.pass_context
 def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int, ...] | str | None,
-           gpu_name: str | None, synthetic_speed: float | None, name: str | None, stages: tuple[str, ...],
-           models: str, dnabert_model: str | None, esm_model: str | None, precision: str | None,
-           broker_timeout: float) -> None:
+           gpu_name: str | None, synthetic_speed: float | None, synthetic_change: tuple[float, float] | None,
+           name: str | None, stages: tuple[str, ...], models: str, dnabert_model: str | None, esm_model: str | None,
+           precision: str | None, broker_timeout: float) -> None:
     """Run one worker: register with the broker and embed (or classify) the files it is given.
 
     Start one per GPU, or one command per node with --gpus all. Models are
@@ -106,9 +124,10 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
         if ctx.get_parameter_source("device") is not click.core.ParameterSource.DEFAULT:
             raise click.UsageError("give either --gpus (one worker per GPU) or --device (one worker), not both")
         forwarded = ["--broker", broker_address(address), "--models", models, "--broker-timeout", str(broker_timeout)]
+        change = f"{synthetic_change[0]}:{synthetic_change[1]}" if synthetic_change else None
         for option, value in (("--gpu-name", gpu_name), ("--synthetic-speed", synthetic_speed),
-                              ("--dnabert-model", dnabert_model), ("--esm-model", esm_model),
-                              ("--precision", precision)):
+                              ("--synthetic-speed-change", change), ("--dnabert-model", dnabert_model),
+                              ("--esm-model", esm_model), ("--precision", precision)):
             if value is not None:
                 forwarded += [option, str(value)]
         for stage in stages:
@@ -121,8 +140,9 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
 
     config = WorkerConfig(
         broker=broker_address(address), device=device, name=name, gpu_name=gpu_name,
-        synthetic_speed=synthetic_speed, stages=stages or MODEL_STAGES, models=models,
-        dnabert_model=dnabert_model, esm_model=esm_model, precision=precision, broker_timeout=broker_timeout,
+        synthetic_speed=synthetic_speed, synthetic_change=synthetic_change, stages=stages or MODEL_STAGES,
+        models=models, dnabert_model=dnabert_model, esm_model=esm_model, precision=precision,
+        broker_timeout=broker_timeout,
     )
     try:
         backends = open_backends(config)
@@ -145,14 +165,17 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
               help="Where outputs and run_report.json go; complete outputs already there are skipped.")
 @click.option("--weighted", is_flag=True, help="Seed queues by the GPU weight table (else all weights 1.0).")
 @click.option("--steal", is_flag=True, help="Let idle workers take queued files from slower ones.")
+@click.option("--backup/--no-backup", default=True, show_default=True,
+              help="With --steal: an idle worker runs a backup copy of a straggling file; the first copy wins.")
 @click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Wait for this many workers serving the stage before seeding.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
               help="Seconds to wait for the broker and for --min-workers before giving up.")
 @transfer_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, steal: bool, min_workers: int,
-          timeout: float, transfer: str, transfer_address: str | None, files: tuple[Path, ...]) -> None:
+def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, steal: bool, backup: bool,
+          min_workers: int, timeout: float, transfer: str, transfer_address: str | None,
+          files: tuple[Path, ...]) -> None:
     """Submit FILES as one job of STAGE to the broker and wait for it.
 
     Exit status: 0 all files done, 2 some failed (listed with reasons), 1 the
@@ -161,7 +184,8 @@ def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, ste
     from virnucpro.client.embed import embed as run_embed
 
     sys.exit(run_embed(broker_address(address), stage, files, output_dir, weighted=weighted, steal=steal,
-                       min_workers=min_workers, timeout=timeout, transfer=transfer, transfer_address=transfer_address))
+                       backup=backup, min_workers=min_workers, timeout=timeout, transfer=transfer,
+                       transfer_address=transfer_address))
 
 
 class _UsageErrorExit1(click.UsageError):
@@ -205,6 +229,8 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--esm-model", default=None, metavar="PATH|NAME", help="ESM-2 checkpoint for workers started here.")
 @click.option("--weighted", is_flag=True, help="Seed queues by the GPU weight table (else all weights 1.0).")
 @click.option("--steal", is_flag=True, help="Let idle workers take queued files from slower ones.")
+@click.option("--backup/--no-backup", default=True, show_default=True,
+              help="With --steal: an idle worker runs a backup copy of a straggling file; the first copy wins.")
 @click.option("--broker", "address", default=None, metavar="ADDR",
               help="Use the running broker at ADDR and the workers that serve it (several machines) "
                    "[default: start a broker and workers here].")
@@ -231,8 +257,8 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Also keep the merged features of each file pair (OUT/work/merged/output_k_merged.pt).")
 @transfer_options
 def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_path: Path | None, models: str,
-            dnabert_model: str | None, esm_model: str | None, weighted: bool, steal: bool, address: str | None,
-            gpus: tuple[int, ...] | None, workers: int | None, gpu_weights: Path | None,
+            dnabert_model: str | None, esm_model: str | None, weighted: bool, steal: bool, backup: bool,
+            address: str | None, gpus: tuple[int, ...] | None, workers: int | None, gpu_weights: Path | None,
             throughput_log: Path | None, worker_timeout: float | None, sequences_per_file: int | None,
             resume: bool, timeout: float, rename_duplicates: bool, precision: str | None,
             keep_features: bool, transfer: str, transfer_address: str | None) -> None:
@@ -256,8 +282,8 @@ def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_pat
     sys.exit(run_predict(PredictOptions(
         input_fasta=input_fasta, output_dir=output_dir, expected_length=expected_length, model_path=model_path,
         models=models, dnabert_model=dnabert_model, esm_model=esm_model, weighted=weighted, steal=steal,
-        broker=address, gpus=gpus, workers=workers, gpu_weights=gpu_weights, throughput_log=throughput_log,
-        worker_timeout=worker_timeout, sequences_per_file=sequences_per_file, resume=resume, timeout=timeout,
+        backup=backup, broker=address, gpus=gpus, workers=workers, gpu_weights=gpu_weights,
+        throughput_log=throughput_log, worker_timeout=worker_timeout, sequences_per_file=sequences_per_file, resume=resume, timeout=timeout,
         rename_duplicates=rename_duplicates, precision=precision, keep_features=keep_features,
         transfer=transfer, transfer_address=transfer_address,
     )))

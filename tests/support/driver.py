@@ -83,10 +83,10 @@ class Driver:
                                        weight=weight, stages=tuple(stages), now=self._at(at)))
 
     def submit(self, job: str, costs: Sequence[int], *, weighted: bool = True, steal: bool = True,
-               stage: str = STAGE, sealed: bool = True, at: float | None = None) -> list[Any]:
+               backup: bool = True, stage: str = STAGE, sealed: bool = True, at: float | None = None) -> list[Any]:
         return self._feed(JobSubmitted(job=job, stage=stage, output_dir=f"out/{job}",
                                        files=file_specs(costs, prefix=f"{job}-"), weighted=weighted, steal=steal,
-                                       now=self._at(at), sealed=sealed))
+                                       backup=backup, now=self._at(at), sealed=sealed))
 
     def add(self, job: str, costs: Sequence[int], *, first: int | None = None, at: float | None = None) -> list[Any]:
         """Add files `{job}-{first + i}.fa` to an open job; `first` defaults to the count it holds."""
@@ -121,6 +121,17 @@ class Driver:
 
     def cancel(self, job: str, at: float | None = None) -> list[Any]:
         return self._feed(JobCancelled(job=job, now=self._at(at)))
+
+    def pass_time(self, until: float, step: float = 1.0) -> list[Any]:
+        """Advance to `until` a step at a time: each living worker heartbeats (naming the file the core says it
+        runs, as a well-behaved worker would), then the broker ticks. Returns every instruction given."""
+        out: list[Any] = []
+        while self.now + step <= until:
+            self.now += step
+            for worker in [w for w in self.scheduler.workers.values() if w.alive]:
+                out += self.heartbeat(worker.id, worker.running)
+            out += self.tick()
+        return out
 
     def cost(self, task: str) -> int:
         return self.scheduler.tasks[task].cost

@@ -4,6 +4,8 @@ import logging
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from virnucpro.pipeline import gpu_weights
 from virnucpro.pipeline.gpu_weights import (
@@ -202,6 +204,27 @@ def test_packing_reads_costs_from_fasta_files_when_not_given(fasta_factory):
 
 def test_existing_loads_are_counted_before_packing():
     assert assign_files_weighted(["a"], 2, [1.0, 1.0], costs=[10], loads=[50, 0]) == [[], ["a"]]
+
+
+def packing_by_scanning_every_worker(costs, weights, loads):
+    """The definition: largest file first, to the worker that would finish it earliest, ties to the lowest index."""
+    current = list(map(float, loads))
+    assignment = [[] for _ in weights]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        best = min(range(len(weights)), key=lambda w: ((current[w] + costs[i]) / weights[w], w))
+        assignment[best].append(i)
+        current[best] += costs[i]
+    return assignment
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 10_000), max_size=60), st.lists(
+    st.tuples(st.sampled_from([0.75, 1.0, 1.2, 1.5, 2.5]), st.integers(0, 20_000)), min_size=1, max_size=12))
+def test_packing_by_weight_heaps_places_every_file_where_scanning_every_worker_would(costs, workers):
+    weights, loads = [w for w, _ in workers], [load for _, load in workers]
+    assert assign_files_weighted(list(range(len(costs))), len(workers), weights, costs=costs, loads=loads) == (
+        packing_by_scanning_every_worker(costs, weights, loads)
+    )
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ GOOD = [
     ("done", dict(task="j:1", seconds=1.5, sequences=3, residues=300, skipped=False)),
     ("failed", dict(task="j:1", reason="CUDA error")),
     ("submit", dict(stage="synthetic", output_dir="/out", files=[SPEC], weighted=True, steal=False)),
+    ("submit", dict(stage="synthetic", output_dir="/out", files=[SPEC], weighted=True, steal=True, backup=False)),
     ("submit", dict(stage="classify", output_dir="/w/classify", files=[], weighted=True, steal=True, open=True,
                     classifier=CLASSIFIER)),
     ("add", dict(job="j", first=0, files=[PAIR])),
@@ -58,6 +59,8 @@ def test_well_formed_messages_round_trip(kind, fields):
                         "stages": ["training"], "pid": 1}), "bad value for field 'stages'"),
         (msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
                         "steal": True, "files": [{**SPEC, "residues": True}]}), "bad value for field 'files'"),
+        (msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
+                        "steal": True, "backup": "no", "files": [SPEC]}), "bad value for field 'backup'"),
         (msgpack.packb({"v": 1, "type": "job", "job": "x" * 5000}), "bad value for field 'job'"),
         (msgpack.packb({"v": 1, "type": "add", "job": "j", "first": 0, "files": []}), "list of 1 to"),
         (msgpack.packb({"v": 1, "type": "add", "job": "j", "first": -1, "files": [SPEC]}), "field 'first'"),
@@ -84,6 +87,9 @@ def test_job_paths_must_be_absolute_and_outputs_inside_the_output_directory():
     assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out/../etc/passwd"}])
     assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/outside/a.json"}])
     assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out"}])
+    assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out-2/a.json"}])
+    assert check_paths("/out/", [SPEC | {"output": "/out/sub/../a.json"}]) is None
+    assert check_paths("/", [SPEC | {"output": "/a.json"}]) is None
 
 
 def test_a_classify_job_names_its_classifier_by_an_absolute_path_and_no_other_job_names_one():

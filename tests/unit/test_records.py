@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 TASK = TaskDone(
     time=1795964845.25, job="20261129-150724-c3b141", stage="esm", worker="w1", host="node1",
     gpu="NVIDIA H100 80GB HBM3", predicted_weight=2.5, file="/data/p0.fa", sequences=20, residues=2000,
-    seconds=0.5, residues_per_s=4000.0, stolen=True,
+    seconds=0.5, residues_per_s=4000.0, stolen=True, backup=True,
 )
 SUMMARY = WorkerSummary(
     time=1795964846.0, job="20261129-150724-c3b141", stage="esm", worker="w1", gpu="NVIDIA H100 80GB HBM3",
@@ -28,7 +28,7 @@ SUMMARY = WorkerSummary(
 def test_task_done_keys_are_the_documented_ones_in_order():
     assert TaskDone.keys() == (
         "event", "time", "job", "stage", "worker", "host", "gpu", "predicted_weight", "file", "sequences",
-        "residues", "seconds", "residues_per_s", "stolen",
+        "residues", "seconds", "residues_per_s", "stolen", "backup",
     )
 
 
@@ -52,7 +52,7 @@ def test_a_line_is_compact_json_with_the_keys_in_order_exactly_as_the_broker_wri
     assert TASK.to_line() == (
         '{"event":"task_done","time":1795964845.25,"job":"20261129-150724-c3b141","stage":"esm","worker":"w1",'
         '"host":"node1","gpu":"NVIDIA H100 80GB HBM3","predicted_weight":2.5,"file":"/data/p0.fa","sequences":20,'
-        '"residues":2000,"seconds":0.5,"residues_per_s":4000.0,"stolen":true}'
+        '"residues":2000,"seconds":0.5,"residues_per_s":4000.0,"stolen":true,"backup":true}'
     )
     assert SUMMARY.to_line() == (
         '{"event":"worker_summary","time":1795964846.0,"job":"20261129-150724-c3b141","stage":"esm","worker":"w1",'
@@ -70,7 +70,7 @@ counts = st.integers(min_value=0, max_value=10**15)
 @given(st.builds(
     TaskDone, time=finite, job=names, stage=names, worker=names, host=names, gpu=names,
     predicted_weight=st.none() | finite, file=names, sequences=counts, residues=counts, seconds=non_negative,
-    residues_per_s=st.none() | non_negative, stolen=st.booleans(),
+    residues_per_s=st.none() | non_negative, stolen=st.booleans(), backup=st.booleans(),
 ) | st.builds(
     WorkerSummary, time=finite, job=names, stage=names, worker=names, gpu=names, predicted_weight=st.none() | finite,
     observed_weight=st.none() | finite, files=counts, residues=counts, busy_seconds=st.none() | non_negative,
@@ -87,7 +87,7 @@ def test_a_line_of_an_older_broker_without_optional_fields_reads_with_defaults()
            "residues": 10, "seconds": 1.0, "host": None}
     assert record_from_line(json.dumps(old)) == TaskDone(
         time=5, job="j", stage="esm", worker="w", host="", gpu="g", predicted_weight=None, file="", sequences=0,
-        residues=10, seconds=1.0, residues_per_s=None, stolen=False,
+        residues=10, seconds=1.0, residues_per_s=None, stolen=False, backup=False,
     )
     summary = record_from_line(json.dumps({"event": "worker_summary", "time": 5, "job": "j", "stage": "esm",
                                            "worker": "w", "gpu": "g"}))
@@ -106,6 +106,7 @@ def test_keys_a_record_does_not_define_are_ignored_and_other_events_read_as_none
     ({"seconds": -1.0}, "task_done record: field 'seconds' = -1.0 must not be negative"),
     ({"time": True}, "task_done record: field 'time' = True must be a finite number"),
     ({"stolen": "yes"}, "task_done record: field 'stolen' = 'yes' must be true or false"),
+    ({"backup": 1}, "task_done record: field 'backup' = 1 must be true or false"),
     ({"worker": None}, "task_done record: field 'worker' = None must be a string"),
     ({"worker": 7}, "task_done record: field 'worker' = 7 must be a string"),
 ])

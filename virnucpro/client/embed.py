@@ -96,8 +96,11 @@ def run_job(
     label: str | None = None,
     transfer: str = "auto",
     transfer_address: str | None = None,
+    backup: bool = True,
 ) -> dict[str, Any]:
     """Submit the plan (in chunks), show progress until it ends, and return the broker's report.
+
+    `backup`: with `steal`, let idle workers run backup copies of straggling files.
 
     If the broker restarts mid-job (it forgets the job), what is still
     missing on disk is submitted again. Unless `transfer` is "never", a file
@@ -105,7 +108,7 @@ def run_job(
     (virnucpro.transfer).
     """
     with file_server(client, plan.output_dir, transfer, transfer_address) as server:
-        run = JobRun(client, plan.stage, plan.output_dir, weighted=weighted, steal=steal, server=server,
+        run = JobRun(client, plan.stage, plan.output_dir, weighted=weighted, steal=steal, backup=backup, server=server,
                      on_resubmit=lambda job: console.print(f"[yellow]the broker lost the {plan.stage} job "
                                                            f"(restarted?); submitted what is not done yet as {job}"
                                                            "[/yellow]"))
@@ -161,6 +164,9 @@ def worker_table(report: dict[str, Any], title: str) -> Table:
 
 def summary_line(report: dict[str, Any]) -> str:
     line = f"makespan {report['makespan']:.1f} s, {report['steals']} steals"
+    if report.get("backups"):
+        line += (f", {report['backups']} backup copies ({report['backups_won']} finished first, "
+                 f"{report['wasted_seconds']:.1f} s wasted)")
     if report.get("lower_bound"):
         line += f", lower bound {report['lower_bound']:.1f} s (ratio {report['makespan'] / report['lower_bound']:.2f})"
     return line
@@ -191,6 +197,7 @@ def embed(
     *,
     weighted: bool = False,
     steal: bool = False,
+    backup: bool = True,
     min_workers: int = 1,
     timeout: float = 600.0,
     transfer: str = "auto",
@@ -212,7 +219,7 @@ def embed(
         try:
             with BrokerClient(address) as client:
                 wait_for_workers(client, stage, min_workers, timeout, console)
-                report = run_job(client, plan, weighted=weighted, steal=steal, console=console, transfer=transfer,
+                report = run_job(client, plan, weighted=weighted, steal=steal, backup=backup, console=console, transfer=transfer,
                                  transfer_address=transfer_address)
         except (BrokerUnreachable, BrokerError, EmbedError, JobLost, SecurityError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")

@@ -50,20 +50,22 @@ class Progress:
 class JobRun:
     """A job of one stage: submitted, perhaps fed more files, sealed, polled until the broker reports it ended.
 
-    `on_resubmit(job)` is called with the new job id whenever the broker lost
+    `backup`: with `steal`, idle workers may run backup copies of straggling
+    files. `on_resubmit(job)` is called with the new job id whenever the broker lost
     the job and it was submitted again; `classifier` ({"path", "sha256"}) is
     a classify job's; `server` serves the job's files to workers that cannot
     see them.
     """
 
     def __init__(self, client: BrokerClient, stage: str, output_dir: Path, *, weighted: bool, steal: bool,
-                 classifier: dict[str, str] | None = None, server: FileServer | None = None,
+                 backup: bool = True, classifier: dict[str, str] | None = None, server: FileServer | None = None,
                  on_resubmit: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.stage = stage
         self.output_dir = output_dir
         self.weighted = weighted
         self.steal = steal
+        self.backup = backup
         self.classifier = classifier
         self.server = server
         self.on_resubmit = on_resubmit
@@ -133,7 +135,7 @@ class JobRun:
         if self.server is not None:
             self._offer = extra["transfer"] = self.server.offer(files, self._also())
         reply = self.client.request("submit", stage=self.stage, output_dir=str(self.output_dir), files=chunks[0],
-                                    weighted=self.weighted, steal=self.steal,
+                                    weighted=self.weighted, steal=self.steal, backup=self.backup,
                                     open=not self.sealed or len(chunks) > 1, **extra)
         self.job = reply["job"]
         self.ids.append(self.job)

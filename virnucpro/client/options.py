@@ -26,6 +26,7 @@ class PredictOptions:
     esm_model: str | None = None
     weighted: bool = False
     steal: bool = False
+    backup: bool = True  # with steal: backup copies of straggling files
     broker: str | None = None
     gpus: tuple[int, ...] | None = None
     workers: int | None = None

@@ -187,6 +187,7 @@ class PredictJobs:
                                f"yet as {job}[/yellow]")
 
         return JobRun(self.client, stage, output_dir, weighted=self.options.weighted, steal=self.options.steal,
+                      backup=self.options.backup,
                       classifier=classifier, server=server, on_resubmit=resubmitted)
 
     def _step(self, progress: StageProgress) -> bool:

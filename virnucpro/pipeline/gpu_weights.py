@@ -6,6 +6,7 @@ This module never imports torch at import time: the broker uses it too.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -196,13 +197,20 @@ def assign_files_weighted(
     if len(loads) != num_workers:
         raise ValueError(f"got {len(loads)} loads for {num_workers} workers; give one load per worker")
 
-    current = [float(x) for x in loads]
+    # Workers of equal weight finish a file in the order of their loads, so each weight keeps a heap of
+    # (load, worker); a file compares only the head of each heap: O(files x (weights + log workers)),
+    # where the distinct weights are few (GPU models), instead of O(files x workers).
+    heaps: dict[float, list[tuple[float, int]]] = {}
+    for w, (load, weight) in enumerate(zip(loads, gpu_weights, strict=True)):
+        heaps.setdefault(weight, []).append((float(load), w))
+    for heap in heaps.values():
+        heapq.heapify(heap)
     assignment: list[list[T]] = [[] for _ in range(num_workers)]
-    order = sorted(range(len(files)), key=lambda i: (-costs[i], i))
-    for i in order:
+    for i in sorted(range(len(files)), key=lambda i: (-costs[i], i)):
         cost = costs[i]
-        best = min(range(num_workers), key=lambda w: ((current[w] + cost) / gpu_weights[w], w))
+        weight = min(heaps, key=lambda weight: ((heaps[weight][0][0] + cost) / weight, heaps[weight][0][1]))
+        load, best = heapq.heappop(heaps[weight])
         assignment[best].append(files[i])
-        current[best] += cost
+        heapq.heappush(heaps[weight], (load + cost, best))
     return assignment
 

@@ -25,6 +25,7 @@ class WorkerConfig:
     name: str | None = None
     gpu_name: str | None = None
     synthetic_speed: float | None = None
+    synthetic_change: tuple[float, float] | None = None  # (seconds after the first file starts, new speed)
     stages: tuple[str, ...] = MODEL_STAGES
     models: str = "virnucpro"
     dnabert_model: str | None = None
@@ -53,7 +54,9 @@ def open_backends(config: WorkerConfig) -> dict[str, Backend | PairBackend]:
     if config.synthetic_speed is not None:
         from virnucpro.backends.synthetic import SyntheticBackend
 
-        return {"synthetic": SyntheticBackend(config.synthetic_speed)}
+        return {"synthetic": SyntheticBackend(config.synthetic_speed, config.synthetic_change)}
+    if config.synthetic_change is not None:
+        raise WorkerSetupError("--synthetic-speed-change applies to a synthetic worker: give --synthetic-speed R too")
     if "synthetic" in config.stages:
         raise WorkerSetupError("the synthetic stage needs --synthetic-speed R (residues per second)")
     try:
