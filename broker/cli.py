@@ -46,7 +46,7 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
               metavar="S", help="Seconds after which a dead worker's record is forgotten (once no job the broker "
                                 "keeps counts files it ran).")
 @click.option("--max-queued-tasks", type=click.IntRange(min=1), default=1_000_000, show_default=True, metavar="N",
-              help="Unfinished files of open jobs the broker holds at most; a submission past it gets an error.")
+              help="Unfinished files of running jobs the broker holds at most; a submission or chunk past it gets an error.")
 @click.option("--curve-secret", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The broker's secret certificate (NAME.key_secret): encrypt all traffic with CURVE.")
 @click.option("--allowed-keys", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -50,7 +50,9 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
         backup = j.get("backup", False) and j["steal"]
         policy = ",".join(p for p, on in (("weighted", j["weighted"]), ("steal", j["steal"]), ("backup", backup))
                           if on) or "static"
-        jobs.add_row(j["job"], j["stage"], j["state"], str(j["done"]), str(j["failed"]), str(j["running"]),
+        # An open job (not sealed) may still get files: its count is so far.
+        state = j["state"] if j.get("sealed", True) or j["state"] != "running" else "open"
+        jobs.add_row(j["job"], j["stage"], state, str(j["done"]), str(j["failed"]), str(j["running"]),
                      str(j["files"]), str(j["steals"]), f"{j.get('backups_won', 0)}/{j.get('backups', 0)}",
                      f"{j.get('wasted_seconds', 0.0):.1f} s", policy, _seconds(j.get("eta_seconds")))
     counters = Table(title="dropped or discarded messages", title_justify="left")
@@ -67,8 +69,8 @@ def status_view(snapshot: dict[str, Any]) -> Group:
     header = f"broker {broker['address']}, up {broker['uptime']:.0f} s, log {broker['log']}" if broker else ""
     summary = snapshot.get("summary")
     if summary:
-        header += (f"\n{summary['alive']} of {summary['workers']} workers alive, {summary['open_jobs']} of "
-                   f"{summary['jobs']} jobs open")
+        header += (f"\n{summary['alive']} of {summary['workers']} workers alive, {summary['running_jobs']} of "
+                   f"{summary['jobs']} jobs running")
         if snapshot.get("page") is not None and snapshot.get("pages", 1) > 1:
             header += f"; the living workers and most recent jobs shown (page 1 of {snapshot['pages']}, --all for all)"
     return Group(header, *status_tables(snapshot))

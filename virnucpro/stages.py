@@ -15,13 +15,19 @@ class Stage:
     name: str
     suffix: str  # appended to the input's stem to name its output
     help: str
+    fasta_input: bool = True  # its task reads one FASTA file (`virnucpro embed` can submit it)
 
 
 STAGES: dict[str, Stage] = {
     "dnabert": Stage("dnabert", "_DNABERT_S.pt", "DNABERT-S embeddings of nucleotide files"),
     "esm": Stage("esm", "_ESM.pt", "ESM-2 embeddings of protein files"),
+    # A task per file pair k: its two feature files in, its prediction rows out (work/classify/output_k_predictions.tsv).
+    "classify": Stage("classify", "_predictions.tsv", "the classifier's scores of a file pair's features",
+                      fasta_input=False),
     "synthetic": Stage("synthetic", "_synthetic.json", "a stand-in that waits cost / speed seconds (benchmarks)"),
 }
+# The stages a worker with models serves unless told otherwise: both embeddings, and classify beside them.
+MODEL_STAGES = ("dnabert", "esm", "classify")
 
 
 def input_stem(path: str | Path) -> str:
@@ -40,14 +46,16 @@ def output_path(stage: str, input_path: str | Path, output_dir: str | Path) -> P
     return Path(output_dir) / (input_stem(input_path) + STAGES[stage].suffix)
 
 
-def is_complete(path: str | Path) -> bool:
+def is_complete(path: str | Path, classifier_sha256: str | None = None) -> bool:
     """True if `path` holds a whole, readable output.
 
     Outputs are published atomically, so a final name normally means a whole
     file; this also rejects one truncated or corrupted afterwards: JSON must
-    parse, and a torch `.pt` (a zip archive) must pass its CRC checks and be
+    parse, a torch `.pt` (a zip archive) must pass its CRC checks and be
     a feature file of this version (ids naming the rows of one float32
-    array), so an older version's per-row format is computed again.
+    array), so an older version's per-row format is computed again, and a
+    per-pair predictions file (`.tsv`) must hold every row its header counts
+    and, given `classifier_sha256`, have been made by that classifier.
     """
     path = Path(path)
     try:
@@ -57,6 +65,11 @@ def is_complete(path: str | Path) -> bool:
             with open(path, encoding="utf-8") as handle:
                 json.load(handle)
             return True
+        if path.suffix == ".tsv":
+            from virnucpro.pipeline.outputs import check_pair_file
+
+            made_by = check_pair_file(path).classifier_sha256
+            return classifier_sha256 is None or made_by == classifier_sha256
         if path.suffix == ".pt":
             with zipfile.ZipFile(path) as archive:
                 if archive.testzip() is not None:

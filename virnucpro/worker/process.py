@@ -39,7 +39,7 @@ import zmq
 from broker import protocol
 from broker.protocol import ProtocolError
 from broker.security import secure_client
-from virnucpro.backends.interface import Backend, Cancelled
+from virnucpro.backends.interface import Backend, Cancelled, PairBackend
 from virnucpro.stages import is_complete
 from virnucpro.transfer.remote import run_remote, sees_client_files
 from virnucpro.worker.config import WorkerConfig, WorkerSetupError, device_name
@@ -72,7 +72,7 @@ logger = logging.getLogger("virnucpro.worker")
 class Worker:
     """The worker's socket loop; `run` returns once `stop` is called."""
 
-    def __init__(self, config: WorkerConfig, backends: dict[str, Backend]) -> None:
+    def __init__(self, config: WorkerConfig, backends: dict[str, Backend | PairBackend]) -> None:
         self.config = config
         self.backends = backends
         self.gpu = device_name(config)
@@ -226,16 +226,28 @@ class Worker:
         if transfer is not None and not sees_client_files(transfer):
             return run_remote(assignment, backend, should_stop)
         output = Path(assignment["output"])
-        if is_complete(output):
+        classifier = assignment.get("classifier")
+
+        def complete(path: Path) -> bool:
+            # A per-pair predictions file counts only if this job's classifier made it.
+            return is_complete(path, classifier["sha256"] if classifier is not None else None)
+
+        if complete(output):
             logger.info("%s: output already complete, skipped", output)
             return {"seconds": 0.0, "sequences": 0, "residues": 0, "skipped": True}
         output.parent.mkdir(parents=True, exist_ok=True)
         temporary = output.with_name(f".{output.name}.{self.identity.hex()[:8]}.tmp")
         started = time.monotonic()
         try:
-            sequences, residues = backend.run(Path(assignment["path"]), temporary, should_stop)
+            if isinstance(backend, PairBackend):
+                if "paired" not in assignment or classifier is None:
+                    raise ValueError(f"a {backend.stage} task needs its paired input and the job's classifier")
+                sequences, residues = backend.run_pair(Path(assignment["path"]), Path(assignment["paired"]),
+                                                       classifier, temporary, should_stop)
+            else:
+                sequences, residues = backend.run(Path(assignment["path"]), temporary, should_stop)
             seconds = time.monotonic() - started
-            first = publish(temporary, output)
+            first = publish(temporary, output, complete)
         finally:
             temporary.unlink(missing_ok=True)
         logger.info("%s -> %s: %d sequences in %.2f s%s", assignment["path"], output.name, sequences, seconds,

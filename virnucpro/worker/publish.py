@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from virnucpro.stages import is_complete
 
 
-def publish(temporary: Path, final: Path) -> bool:
+def publish(temporary: Path, final: Path, complete: Callable[[Path], bool] = is_complete) -> bool:
     """Give a fully written temporary file its final name, unless another copy got there first.
 
     The data is flushed to disk before the name appears, and the name is
     created with a hard link, which fails rather than replace an existing
     file: an output is written exactly once even when two workers finish
     the same file. Returns False (and removes `temporary`) if a complete
-    output already existed.
+    output already existed; `complete` says what counts as one (a per-pair
+    predictions file made by another classifier does not).
     """
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     try:
         os.link(temporary, final)
     except FileExistsError:
-        if is_complete(final):
+        if complete(final):
             published = False
         else:
-            # A damaged leftover (truncated by hand, a disk error) is not an output: replace it.
+            # A damaged leftover (truncated by hand, a disk error, another classifier's) is not an output: replace it.
             os.replace(temporary, final)
             published = True
     except OSError as exc:

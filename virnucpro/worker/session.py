@@ -32,6 +32,8 @@ REVOKED = "revoked by the broker"
 # long after: its thread is blocked where it cannot see the revoke (a read that never returns), so the worker
 # leaves service and restarts itself.
 ABANDON_GRACE = 5.0
+# What a task takes from its `assign` message; the last three come only with some.
+ASSIGNMENT_FIELDS = ("task", "job", "stage", "path", "output", "transfer", "paired", "classifier")
 
 # ----------------------------------------------------------------- events
 
@@ -124,7 +126,11 @@ class SendHeartbeat:
 
 @dataclass(frozen=True)
 class StartTask:
-    """Run the file of an `assign` message (its fields task, job, stage, path, output, transfer?) on the task thread."""
+    """Run the file of an `assign` message on the task thread.
+
+    Its fields: task, job, stage, path, output, perhaps transfer, and for a
+    classify task also paired and classifier.
+    """
 
     assignment: dict[str, Any]
 
@@ -278,8 +284,9 @@ class WorkerSession:
         if kind == "assign":
             if self.running is not None:
                 return [Log(logging.WARNING, f"broker sent {message['task']} while {self.task} runs; ignored")]
-            # "transfer", when present, says how to fetch the input and return the output (virnucpro.transfer).
-            self.running = {k: message[k] for k in ("task", "job", "stage", "path", "output", "transfer") if k in message}
+            # "transfer", when present, says how to fetch the input and return the output (virnucpro.transfer);
+            # "paired" and "classifier" come with a classify task only.
+            self.running = {k: message[k] for k in ASSIGNMENT_FIELDS if k in message}
             return [StartTask(dict(self.running))]
         if kind == "revoke":
             if message["task"] != self.task:
