@@ -88,12 +88,12 @@ def one_of(choices: Collection[str]) -> Check:
     return one_of_check
 
 
-def list_of(check: Check, most: int) -> Check:
-    """A list of 1 to `most` items, each passing `check`."""
+def list_of(check: Check, most: int, least: int = 1) -> Check:
+    """A list of `least` to `most` items, each passing `check`."""
 
     def list_check(value: Any) -> None:
-        if not isinstance(value, list) or not 0 < len(value) <= most:
-            raise FieldError(f"must be a list of 1 to {most} items")
+        if not isinstance(value, list) or not least <= len(value) <= most:
+            raise FieldError(f"must be a list of {least} to {most} items")
         for index, item in enumerate(value):
             try:
                 check(item)

@@ -33,6 +33,9 @@ class ErrorCode(str, Enum):
 
     UNKNOWN_JOB = "unknown_job"  # the broker does not know the job (it may have restarted and forgotten it)
     REJECTED_JOB = "rejected_job"  # the submitted job's paths are unacceptable; resubmitting it as is fails again
+    # The sender's key may not make this request: a worker's key asking as a client or the reverse, or a
+    # client asking about a job another key submitted.
+    FORBIDDEN = "forbidden"
 
 
 STAGE = fields.one_of(STAGES)
@@ -47,6 +50,11 @@ TRANSFER = fields.optional(fields.exact_map({
     "address": fields.text, "token": fields.text, "server_key": fields.optional(fields.text),
     "marker": fields.optional(fields.text), "marker_sha256": fields.optional(fields.text),
 }))
+
+# What each role may send: a key admitted only as a worker gets a `forbidden` error for a client's request,
+# and the reverse.
+WORKER_REQUESTS = frozenset({"register", "request", "heartbeat", "done", "failed", "bye"})
+CLIENT_REQUESTS = frozenset({"submit", "job", "cancel", "status", "keys"})
 
 # Field checks per message type; a field whose name ends in "?" may be absent.
 SCHEMAS: dict[str, dict[str, Check]] = {
@@ -66,11 +74,14 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "job": {"job": fields.text},
     "cancel": {"job": fields.text},
     "status": {},
+    "keys": {},  # the workers' public keys, which the client's file server admits (virnucpro.transfer)
     # broker -> worker
     "registered": {"worker": fields.text, "name": fields.text, "weight": fields.positive,
                    "heartbeat_interval": fields.positive},
-    "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output": fields.text,
-               "transfer?": TRANSFER},
+    # The worker derives the output's path from `output_dir`, `stage` and `path`, and refuses a task whose
+    # `output` says otherwise.
+    "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output_dir": fields.text,
+               "output": fields.text, "transfer?": TRANSFER},
     "revoke": {"task": fields.text},
     "reregister": {},
     "ack": {},
@@ -79,6 +90,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "job_state": {"job": fields.text, "state": fields.text, "progress": fields.any_map,
                   "report?": fields.optional(fields.any_map)},
     "status_report": {"status": fields.any_map},
+    "worker_keys": {"keys": fields.list_of(fields.text, most=MAX_FILES, least=0)},
     "error": {"code": fields.one_of([code.value for code in ErrorCode]), "reason": fields.text},
 }
 

@@ -99,7 +99,7 @@ def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:
             "worker": w.name, "host": w.host, "gpu": w.gpu, "alive": w.alive, "stages": list(w.stages),
             "predicted_weight": w.weight, "observed_weight": w.speed / scale if w.speed else None,
             "speed": w.speed, "queue": len(w.queue), "queued_residues": w.queued_cost,
-            "running": running.spec.path if running else None,
+            "running": running.spec.path if running else None, "running_job": running.job.id if running else None,
             "running_for": now - w.running_since if running else None, "overdue": w.overdue,
             "files_done": w.done_files, "steals_in": w.steals_in, "steals_out": w.steals_out,
             "silent_for": now - w.last_seen, "gauges": w.gauges,

@@ -22,7 +22,10 @@ from typing import Any
 import zmq
 
 from broker.protocol import ProtocolError
+from broker.security import Credentials
+from virnucpro import scratch
 from virnucpro.backends.interface import Backend, Cancelled
+from virnucpro.scratch import Scratch
 from virnucpro.stages import is_complete
 from virnucpro.transfer import wire
 from virnucpro.transfer.core import (
@@ -65,11 +68,19 @@ def sees_client_files(transfer: dict[str, Any]) -> bool:
 
 
 class Channel:
-    """A DEALER socket to the client's file server, encrypted when the job gives the server's key."""
+    """A DEALER socket to the client's file server, encrypted when the job gives the server's key.
 
-    def __init__(self, transfer: dict[str, Any]) -> None:
+    The worker connects with the key pair it uses with the broker: the file
+    server lets in only the keys the broker admits as workers.
+    """
+
+    def __init__(self, transfer: dict[str, Any], keys: Credentials | None) -> None:
         self.address: str = transfer["address"]
         self.server_key: str | None = transfer.get("server_key")
+        if self.server_key and keys is None:
+            raise TransferError(f"the file server at {self.address} admits only workers' keys, and this worker runs "
+                                "with --insecure")
+        self.keys = keys
         self._context: zmq.Context = zmq.Context.instance()
         self._socket = self._open()
 
@@ -79,9 +90,9 @@ class Channel:
         channel.setsockopt(zmq.MAXMSGSIZE, MAX_CHUNK + 65536)
         channel.setsockopt(zmq.SNDHWM, QUEUE)
         channel.setsockopt(zmq.RCVHWM, QUEUE)
-        if self.server_key:
-            # The job's token authenticates this worker; the key pair only encrypts, so a fresh one will do.
-            channel.curve_publickey, channel.curve_secretkey = zmq.curve_keypair()
+        if self.server_key and self.keys is not None:
+            channel.curve_publickey = self.keys.keys.public
+            channel.curve_secretkey = self.keys.keys.secret
             channel.curve_serverkey = self.server_key.encode("ascii")
         channel.connect(self.address)
         return channel
@@ -184,19 +195,28 @@ def _local_name(path: str) -> str:
     return name
 
 
-def run_remote(assignment: dict[str, Any], backend: Backend, should_stop: Callable[[], bool]) -> dict[str, Any]:
+def sweep_task_directories() -> list[Path]:
+    """Remove the private task directories that killed workers of this user left in $TMPDIR; what went."""
+    return scratch.sweep(Path(tempfile.gettempdir()))
+
+
+def run_remote(assignment: dict[str, Any], output_name: str, backend: Backend, should_stop: Callable[[], bool],
+               keys: Credentials | None) -> dict[str, Any]:
     """Fetch, run and return one task's files (on the task thread); the fields of its `done` message.
 
+    `output_name`: the output's file name, as this worker derived it.
     `seconds` counts the backend alone, so the throughput log keeps measuring
     the device; the transfers are in the worker's log.
     """
     transfer, task = assignment["transfer"], assignment["task"]
     token = transfer["token"]
-    input_name, output_name = _local_name(assignment["path"]), _local_name(assignment["output"])
-    channel = Channel(transfer)
+    input_name = _local_name(assignment["path"])
+    channel = Channel(transfer, keys)
     try:
-        with tempfile.TemporaryDirectory(prefix="virnucpro-task-") as directory:  # mode 0700
-            private = Path(directory)
+        # Mode 0700, under $TMPDIR, locked while the task runs: a later worker's sweep takes it only if this
+        # worker was killed (virnucpro.scratch).
+        with Scratch(Path(tempfile.gettempdir()), scratch.TASK) as directory:
+            private = directory.path
             (private / "input").mkdir()
             (private / "output").mkdir()
             local_input, local_output = private / "input" / input_name, private / "output" / output_name

@@ -266,7 +266,8 @@ class WorkerSession:
             if self.running is not None:
                 return [Log(logging.WARNING, f"broker sent {message['task']} while {self.task} runs; ignored")]
             # "transfer", when present, says how to fetch the input and return the output (virnucpro.transfer).
-            self.running = {k: message[k] for k in ("task", "job", "stage", "path", "output", "transfer") if k in message}
+            self.running = {k: message[k] for k in ("task", "job", "stage", "path", "output_dir", "output", "transfer")
+                            if k in message}
             return [StartTask(dict(self.running))]
         if kind == "revoke":
             if message["task"] != self.task:
