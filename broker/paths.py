@@ -21,13 +21,21 @@ def control_character(text: str) -> str | None:
     return repr(found.group()) if found else None
 
 
+def _named_problem(what: str, path: str) -> str | None:
+    """Why `path` cannot name a job's `what` (an input, the output directory) at all, or None."""
+    bad = control_character(path)
+    if bad is not None:
+        return f"{what} {path!r} holds the control character {bad}; rename it"
+    if not posixpath.isabs(path):
+        return f"{what} {path!r} is not an absolute path; give it from / (workers may run elsewhere)"
+    return None
+
+
 def output_dir_problem(output_dir: str) -> str | None:
     """Why `output_dir` cannot be a job's output directory, or None; the reason says what to give instead."""
-    bad = control_character(output_dir)
-    if bad is not None:
-        return f"output directory {output_dir!r} holds the control character {bad}; choose a plain name"
-    if not posixpath.isabs(output_dir):
-        return f"output directory {output_dir!r} is not an absolute path; give it from / (workers run elsewhere)"
+    problem = _named_problem("output directory", output_dir)
+    if problem:
+        return problem
     if posixpath.normpath(output_dir) != output_dir or output_dir.startswith("//"):
         return (f"output directory {output_dir!r} is not in normal form (no '.', '..', repeated or trailing '/'); "
                 f"give {posixpath.normpath(output_dir)!r}")
@@ -38,9 +46,4 @@ def output_dir_problem(output_dir: str) -> str | None:
 
 def input_problem(path: str) -> str | None:
     """Why `path` cannot be a job's input, or None."""
-    bad = control_character(path)
-    if bad is not None:
-        return f"input {path!r} holds the control character {bad}; rename it"
-    if not posixpath.isabs(path):
-        return f"input {path!r} is not an absolute path"
-    return None
+    return _named_problem("input", path)
