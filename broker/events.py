@@ -7,21 +7,29 @@ has no clock of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from broker.records import LogRecord
 
 # ----------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, slots=True)
-class FileSpec:
-    """One input file of a job, measured by the client at submission."""
+class FileSpec(NamedTuple):
+    """One input file of a job, measured by the client at submission.
+
+    A named tuple rather than a dataclass: a job may hold a million, and a
+    tuple is made several times faster.
+
+    `paired` is the second input of a task that reads two files (a classify
+    task reads the DNABERT-S features at `path` and the ESM-2 features at
+    `paired`); None for every other stage.
+    """
 
     path: str
     output: str
     sequences: int
     residues: int
+    paired: str | None = None
 
 
 def task_id(job: str, index: int) -> str:
@@ -96,6 +104,8 @@ class Tick:
 
 @dataclass(frozen=True)
 class JobSubmitted:
+    """A job and its first files; an unsealed job takes more by FilesAdded and ends only after JobSealed."""
+
     job: str
     stage: str
     output_dir: str
@@ -104,6 +114,26 @@ class JobSubmitted:
     steal: bool
     now: float
     backup: bool = True  # with steal: idle workers may run backup copies of straggling files
+    sealed: bool = True
+
+
+@dataclass(frozen=True)
+class FilesAdded:
+    """More files for an unsealed job; `first` is the index the first of them takes in the job."""
+
+    job: str
+    first: int
+    files: tuple[FileSpec, ...]
+    now: float
+
+
+@dataclass(frozen=True)
+class JobSealed:
+    """The client will add nothing more to `job`; `files` is how many it sent in all."""
+
+    job: str
+    files: int
+    now: float
 
 
 @dataclass(frozen=True)
@@ -113,7 +143,8 @@ class JobCancelled:
 
 
 Event = (
-    WorkerJoined | WorkRequested | TaskSucceeded | TaskFailed | Heartbeat | WorkerLeft | Tick | JobSubmitted | JobCancelled
+    WorkerJoined | WorkRequested | TaskSucceeded | TaskFailed | Heartbeat | WorkerLeft | Tick | JobSubmitted
+    | FilesAdded | JobSealed | JobCancelled
 )
 
 
@@ -122,7 +153,7 @@ Event = (
 
 @dataclass(frozen=True)
 class Assign:
-    """Send file `path` to `worker`; it writes `output`."""
+    """Send file `path` (and `paired`, for a task that reads two) to `worker`; it writes `output`."""
 
     worker: str
     task: str
@@ -130,6 +161,7 @@ class Assign:
     stage: str
     path: str
     output: str
+    paired: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,10 +193,21 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """The client's request (an add or a seal) is not done: answer it with this error.
+
+    `code` is a broker.protocol.ErrorCode value; `reason` says why in words.
+    """
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Notice:
     """A line for the broker's own log."""
 
     text: str
 
 
-Instruction = Assign | Revoke | Reregister | JobFinished | Log | Notice
+Instruction = Assign | Revoke | Reregister | JobFinished | Log | Refused | Notice

@@ -120,17 +120,26 @@ def map_of(key: Check, value: Check, most: int) -> Check:
     return map_check
 
 
-def exact_map(schema: Mapping[str, Check]) -> Check:
-    """A map with exactly the keys of `schema`, each value passing its check."""
+def exact_map(schema: Mapping[str, Check], optional: Mapping[str, Check] | None = None) -> Check:
+    """A map with exactly the keys of `schema`, and perhaps some of `optional`, each value passing its check."""
+    optional = dict(optional or {})
+    checks = {**schema, **optional}
+    wanted = f"exactly the keys {', '.join(schema)}" + (f" (and perhaps {', '.join(optional)})" if optional else "")
 
     def exact_map_check(value: Any) -> None:
         any_map(value)
-        if set(value) != set(schema):
-            raise FieldError(f"must have exactly the keys {', '.join(schema)}")
-        for name, check in schema.items():
+        if not set(schema) <= set(value) <= set(checks):
+            raise FieldError(f"must have {wanted}")
+        for name, item in value.items():
             try:
-                check(value[name])
+                checks[name](item)
             except FieldError as exc:
                 raise FieldError(f"key {name!r} {exc}") from None
 
     return exact_map_check
+
+
+def sha256(value: Any) -> None:
+    """A SHA-256 digest as 64 lower-case hexadecimal digits."""
+    if not isinstance(value, str) or len(value) != 64 or value.strip("0123456789abcdef"):
+        raise FieldError("must be a SHA-256 digest: 64 lower-case hexadecimal digits")

@@ -8,6 +8,7 @@ receiver counts and drops.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from enum import Enum
 from typing import Any
 
@@ -20,8 +21,17 @@ VERSION = 1
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "VIRNUCPRO_BROKER"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Files in one `submit` or `add` message; clients cut larger submissions into chunks (file_chunks).
 MAX_FILES = 200_000
-STAGES = ("dnabert", "esm", "synthetic")
+# A chunk's budget: well under the frame limit, and small enough that seeding it keeps the broker responsive.
+CHUNK_BYTES = MAX_MESSAGE_BYTES // 4
+CHUNK_FILES = 10_000
+# Files in one job, over all its chunks.
+MAX_JOB_FILES = 1_000_000
+STAGES = ("dnabert", "esm", "classify", "synthetic")
+# Stages whose tasks run on a worker's CPU whatever its device and cost frames rather than residues: their
+# times are not the device's speed, and the workers' speeds give no estimate of their remaining time.
+UNTIMED_STAGES = ("classify",)
 
 
 class ProtocolError(ValueError):
@@ -32,16 +42,23 @@ class ErrorCode(str, Enum):
     """What an `error` reply is about; its `reason` says it in words for people."""
 
     UNKNOWN_JOB = "unknown_job"  # the broker does not know the job (it may have restarted and forgotten it)
-    REJECTED_JOB = "rejected_job"  # the submitted job's paths are unacceptable; resubmitting it as is fails again
+    # The request cannot be done as sent (unacceptable paths, a sealed or ended job, too many files);
+    # sending it again as is fails again.
+    REJECTED_JOB = "rejected_job"
     # The sender's key may not make this request: a worker's key asking as a client or the reverse, or a
     # client asking about a job another key submitted.
     FORBIDDEN = "forbidden"
 
 
 STAGE = fields.one_of(STAGES)
+# `paired`: the second input of a task that reads two files (classify: the ESM-2 features beside `path`'s
+# DNABERT-S features of the same file pair).
 FILE_SPEC = fields.exact_map(
-    {"path": fields.text, "output": fields.text, "sequences": fields.count, "residues": fields.count}
+    {"path": fields.text, "output": fields.text, "sequences": fields.count, "residues": fields.count},
+    optional={"paired": fields.text},
 )
+# The classifier checkpoint a classify job's workers load, and the digest they check it against.
+CLASSIFIER = fields.exact_map({"path": fields.text, "sha256": fields.sha256})
 GAUGES = fields.optional(fields.map_of(fields.text, fields.number, most=16))
 # How a worker that cannot see the client's files reaches the client's file server (virnucpro.transfer):
 # its address, the job's token, its CURVE public key (when the broker connection is encrypted), and the
@@ -54,7 +71,7 @@ TRANSFER = fields.optional(fields.exact_map({
 # What each role may send: a key admitted only as a worker gets a `forbidden` error for a client's request,
 # and the reverse.
 WORKER_REQUESTS = frozenset({"register", "request", "heartbeat", "done", "failed", "bye"})
-CLIENT_REQUESTS = frozenset({"submit", "job", "cancel", "status", "keys"})
+CLIENT_REQUESTS = frozenset({"submit", "add", "seal", "job", "cancel", "status", "keys"})
 
 # Field checks per message type; a field whose name ends in "?" may be absent.
 SCHEMAS: dict[str, dict[str, Check]] = {
@@ -68,9 +85,15 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "failed": {"task": fields.text, "reason": fields.text},
     "bye": {},
     # client -> broker
-    "submit": {"stage": STAGE, "output_dir": fields.text, "files": fields.list_of(FILE_SPEC, most=MAX_FILES),
+    # A job submitted with "open" true takes more files by `add` until `seal`; otherwise it is sealed at once.
+    "submit": {"stage": STAGE, "output_dir": fields.text,
+               "files": fields.list_of(FILE_SPEC, most=MAX_FILES, least=0),
                "weighted": fields.flag, "steal": fields.flag, "backup?": fields.flag,  # backup: default true
-               "transfer?": TRANSFER},
+               "transfer?": TRANSFER, "open?": fields.flag, "classifier?": CLASSIFIER},
+    # `first`: the index in the job of the first file sent (the count sent before), so a resent chunk is known.
+    "add": {"job": fields.text, "first": fields.count, "files": fields.list_of(FILE_SPEC, most=MAX_FILES)},
+    # `files`: how many files the client sent in all; the broker refuses to seal a job that holds another count.
+    "seal": {"job": fields.text, "files": fields.count},
     "job": {"job": fields.text},
     "cancel": {"job": fields.text},
     "status": {},
@@ -81,18 +104,39 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # The worker derives the output's path from `output_dir`, `stage` and `path`, and refuses a task whose
     # `output` says otherwise.
     "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output_dir": fields.text,
-               "output": fields.text, "transfer?": TRANSFER},
+               "output": fields.text, "transfer?": TRANSFER, "paired?": fields.text, "classifier?": CLASSIFIER},
     "revoke": {"task": fields.text},
     "reregister": {},
     "ack": {},
     # broker -> client
     "submitted": {"job": fields.text},
+    "added": {"job": fields.text, "files": fields.count},
     "job_state": {"job": fields.text, "state": fields.text, "progress": fields.any_map,
                   "report?": fields.optional(fields.any_map)},
     "status_report": {"status": fields.any_map},
     "worker_keys": {"keys": fields.list_of(fields.text, most=MAX_FILES, least=0)},
     "error": {"code": fields.one_of([code.value for code in ErrorCode]), "reason": fields.text},
 }
+
+
+def file_chunks(files: Sequence[dict[str, Any]], most_bytes: int = CHUNK_BYTES,
+                most_files: int = CHUNK_FILES) -> Iterator[list[dict[str, Any]]]:
+    """`files` cut, in order, into lists whose packed specs total at most `most_bytes` and `most_files` each.
+
+    A `submit` or `add` message carrying one chunk stays within a few hundred
+    bytes of that budget, far under MAX_MESSAGE_BYTES, however long the paths.
+    """
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for spec in files:
+        spec_bytes = len(msgpack.packb(spec, use_bin_type=True))
+        if chunk and (size + spec_bytes > most_bytes or len(chunk) == most_files):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(spec)
+        size += spec_bytes
+    if chunk:
+        yield chunk
 
 
 def encode(kind: str, **values: Any) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from broker.protocol import UNTIMED_STAGES
 from broker.state import Job, Task, Worker
 
 
@@ -70,23 +71,41 @@ def job_report(job: Job, workers: Iterable[Worker]) -> dict[str, Any]:
     }
 
 
-def job_progress(job: Job) -> dict[str, Any]:
-    """Counts a waiting client shows."""
+def job_progress(view: SchedulerView, job: Job, scale: float | None = None) -> dict[str, Any]:
+    """Counts a waiting client shows, and the broker's estimate of the seconds left (None before it has one).
+
+    Costs O(workers), not O(files), however large the job: clients ask for
+    it several times a second.
+    """
+    running = {w.running for w in view.workers.values() if w.running is not None}
     return {
-        "files": len(job.tasks), "done": job.done, "failed": job.failed,
-        "running": sum(1 for t in job.tasks if t.state == "running"),
-        "residues": sum(t.cost for t in job.tasks), "residues_done": job.residues_done, "steals": job.steals,
+        "files": len(job.tasks), "done": job.done, "failed": job.failed, "sealed": job.sealed,
+        "running": sum(1 for task in running if view.tasks[task].job is job),
+        "residues": job.residues, "residues_done": job.residues_done, "steals": job.steals,
         "backups": job.backups, "backups_won": job.backups_won, "wasted_seconds": job.wasted_seconds,
+        "eta_seconds": _eta(view, job, view.scale() if scale is None else scale),
     }
 
 
 def _eta(view: SchedulerView, job: Job, scale: float) -> float | None:
-    """Seconds until the job's remaining residues are done at the capable workers' combined speed."""
-    if not job.open:
+    """Seconds until the job's remaining residues are done at the capable workers' combined speed.
+
+    Workers run older jobs' files first, so the residues older running jobs
+    still hold for the same workers count as ahead of this job's. None for a
+    stage whose cost the workers' speeds do not measure (UNTIMED_STAGES).
+    The files that failed are not remaining; they are few, so only a job
+    that has some pays for finding them.
+    """
+    if not job.open or not view.measured or job.stage in UNTIMED_STAGES:
         return None
-    speed = sum(view.speed_of(w, scale) for w in view.capable(job.stage))
-    remaining = sum(t.cost for t in job.tasks if t.state in ("queued", "running"))
-    return remaining / speed if speed > 0 and view.measured else None
+    capable = view.capable(job.stage)
+    speed = sum(view.speed_of(w, scale) for w in capable)
+    failed = sum(t.cost for t in job.tasks if t.state == "failed") if job.failed else 0
+    remaining = job.residues - job.residues_done - failed
+    stages = {stage for w in capable for stage in w.stages}
+    ahead = sum(other.residues - other.residues_done for other in view.jobs.values()
+                if other.open and other.seq < job.seq and other.stage in stages and other.stage not in UNTIMED_STAGES)
+    return (ahead + remaining) / speed if speed > 0 else None
 
 
 def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:
@@ -106,7 +125,7 @@ def status_snapshot(view: SchedulerView, now: float) -> dict[str, Any]:
         })
     jobs = [
         {"job": j.id, "stage": j.stage, "state": j.state, "weighted": j.weighted, "steal": j.steal,
-         "backup": j.backup, "submitted": j.submitted, "eta_seconds": _eta(view, j, scale), **job_progress(j)}
+         "backup": j.backup, "submitted": j.submitted, **job_progress(view, j, scale)}
         for j in view.jobs.values()
     ]
     return {"workers": workers, "jobs": jobs, "unowned": view.unowned_count, "counters": dict(view.counters)}

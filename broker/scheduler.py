@@ -21,7 +21,10 @@ reports in broker.reports. Policy (docs/architecture.md):
 - idle workers are offered work whenever files are queued and at every tick;
 - leases: a worker silent for `worker_timeout` is dead, and its queued and
   running files go back to the living; a file that fails `max_attempts` times
-  is failed with every reason, and the job goes on.
+  is failed with every reason, and the job goes on;
+- open jobs: a job submitted unsealed takes more files (seeded as they come,
+  like submitted ones) until the client seals it, and it finishes only once
+  sealed with every task ended.
 """
 
 from __future__ import annotations
@@ -36,13 +39,17 @@ from sortedcontainers import SortedList
 from broker.events import (
     Assign,
     Event,
+    FilesAdded,
+    FileSpec,
     Heartbeat,
     Instruction,
     JobCancelled,
     JobFinished,
+    JobSealed,
     JobSubmitted,
     Log,
     Notice,
+    Refused,
     Reregister,
     Revoke,
     TaskFailed,
@@ -53,6 +60,7 @@ from broker.events import (
     WorkRequested,
     task_id,
 )
+from broker.protocol import MAX_JOB_FILES, UNTIMED_STAGES, ErrorCode
 from broker.records import TaskDone, WorkerSummary
 from broker.reports import job_report, status_snapshot
 from broker.state import JOB_STATES, TASK_STATES, Job, Task, Worker, WorkerStats
@@ -117,11 +125,13 @@ class ExactSum:
 class Scheduler:
     """Queues, seeding, stealing, backup copies, leases and retries for every job the broker holds."""
 
-    def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3) -> None:
-        if worker_timeout <= 0 or max_attempts < 1:
-            raise ValueError("worker_timeout must be > 0 and max_attempts >= 1")
+    def __init__(self, *, worker_timeout: float = 10.0, max_attempts: int = 3,
+                 max_job_files: int = MAX_JOB_FILES) -> None:
+        if worker_timeout <= 0 or max_attempts < 1 or max_job_files < 1:
+            raise ValueError("worker_timeout must be > 0, max_attempts >= 1 and max_job_files >= 1")
         self.worker_timeout = worker_timeout
         self.max_attempts = max_attempts
+        self.max_job_files = max_job_files
         self.workers: dict[str, Worker] = {}
         self.jobs: dict[str, Job] = {}
         self.tasks: dict[str, Task] = {}
@@ -153,6 +163,8 @@ class Scheduler:
             WorkerLeft: self._on_left,
             Tick: self._on_tick,
             JobSubmitted: self._on_submitted,
+            FilesAdded: self._on_files_added,
+            JobSealed: self._on_sealed,
             JobCancelled: self._on_cancelled,
         }
 
@@ -552,7 +564,8 @@ class Scheduler:
         stats.busy_seconds += seconds
         stats.stolen += int(stolen)
         worker.done_files += 1
-        if seconds > 0 and task.cost > 0:
+        # A classify task's time says nothing of the device's speed: it leaves the observed speed as it is.
+        if seconds > 0 and task.cost > 0 and job.stage not in UNTIMED_STAGES:
             observed = task.cost / seconds
             self._set_speed(worker, observed if not worker.speed else (
                 SPEED_SMOOTHING * observed + (1 - SPEED_SMOOTHING) * worker.speed
@@ -667,17 +680,64 @@ class Scheduler:
         job = Job(
             id=event.job, seq=next(self._job_seq), stage=event.stage, output_dir=event.output_dir,
             weighted=event.weighted, steal=event.steal, backup=event.backup, submitted=event.now,
+            sealed=event.sealed,
         )
         self.jobs[job.id] = job
-        for index, spec in enumerate(event.files):
-            task = Task(id=task_id(job.id, index), job=job, index=index, spec=spec)
+        out = self._seed_files(job, event.files, event.now)
+        # A sealed job with no files (everything was done already) ends at once.
+        return out + self._maybe_finish(job, event.now) + self._dispatch(event.now)
+
+    def _seed_files(self, job: Job, files: Iterable[FileSpec], now: float) -> list[Instruction]:
+        """Make a task of each file, appended to the job's in order, and seed them onto the capable workers."""
+        tasks = []
+        for spec in files:
+            task = Task(id=task_id(job.id, len(job.tasks)), job=job, index=len(job.tasks), spec=spec)
             job.tasks.append(task)
+            job.residues += task.cost
             self.tasks[task.id] = task
-        self._distribute(job.tasks, event.now, weights_from="table" if job.weighted else "equal")
-        for task in job.tasks:
+            tasks.append(task)
+        self._distribute(tasks, now, weights_from="table" if job.weighted else "equal")
+        for task in tasks:
             task.seeded_to = task.owner
-        seeded = len({t.owner for t in job.tasks if t.owner is not None})
-        return [Notice(f"job {job.id}: {len(job.tasks)} {job.stage} files seeded on {seeded} workers")]
+        seeded = len({t.owner for t in tasks if t.owner is not None})
+        return [Notice(f"job {job.id}: {len(tasks)} {job.stage} files seeded on {seeded} workers")]
+
+    def _on_files_added(self, event: FilesAdded) -> list[Instruction]:
+        job = self.jobs.get(event.job)
+        if job is None:
+            return [Refused(ErrorCode.UNKNOWN_JOB.value, f"unknown job {event.job!r} (the broker may have restarted)")]
+        held = len(job.tasks)
+        if event.first + len(event.files) <= held:
+            # A chunk sent again (its reply was lost): it is held already, if it is the same.
+            if any(job.tasks[event.first + i].spec != spec for i, spec in enumerate(event.files)):
+                return [Refused(ErrorCode.REJECTED_JOB.value,
+                                f"job {job.id} holds other files at {event.first} to {event.first + len(event.files) - 1}")]
+            self.count("chunk added twice")
+            return []
+        if event.first != held:
+            return [Refused(ErrorCode.REJECTED_JOB.value,
+                            f"job {job.id} holds {held} files; the next chunk must start at {held}, not {event.first}")]
+        if job.sealed or not job.open:
+            state = "sealed" if job.open else job.state
+            return [Refused(ErrorCode.REJECTED_JOB.value, f"job {job.id} is {state}; it takes no more files")]
+        if held + len(event.files) > self.max_job_files:
+            return [Refused(ErrorCode.REJECTED_JOB.value,
+                            f"job {job.id} would hold {held + len(event.files):,} files, more than the "
+                            f"{self.max_job_files:,} a job may hold; submit the rest as another job")]
+        return self._seed_files(job, event.files, event.now) + self._dispatch(event.now)
+
+    def _on_sealed(self, event: JobSealed) -> list[Instruction]:
+        job = self.jobs.get(event.job)
+        if job is None:
+            return [Refused(ErrorCode.UNKNOWN_JOB.value, f"unknown job {event.job!r} (the broker may have restarted)")]
+        if event.files != len(job.tasks):
+            return [Refused(ErrorCode.REJECTED_JOB.value,
+                            f"job {job.id} holds {len(job.tasks)} files but the client sent {event.files}; "
+                            "not sealed")]
+        if job.sealed or not job.open:
+            return []  # sealed twice (a lost reply), or ended by a cancel: nothing changes
+        job.sealed = True
+        return self._maybe_finish(job, event.now)
 
     def _on_cancelled(self, event: JobCancelled) -> list[Instruction]:
         job = self.jobs.get(event.job)
@@ -715,7 +775,8 @@ class Scheduler:
             if task.state == "running":
                 out.append(self._back_up(worker, task, now))
             self._start_copy(worker, task, now)
-            out.append(Assign(worker.id, task.id, task.job.id, task.job.stage, task.spec.path, task.spec.output))
+            out.append(Assign(worker.id, task.id, task.job.id, task.job.stage, task.spec.path, task.spec.output,
+                              task.spec.paired))
         return out
 
     def _next_for(self, worker: Worker, now: float) -> Task | None:
@@ -841,9 +902,11 @@ class Scheduler:
 
     def _may_back_up(self, task: Task, thief: Worker) -> bool:
         """One backup copy at a time, of a job that allows them, on a worker the file has not failed on, and never
-        one that could take the file past its allowed attempts if both copies failed."""
+        one that could take the file past its allowed attempts if both copies failed. No backup of a stage
+        whose time the workers' speeds do not predict (classify): the copy would be a guess."""
         return (
             task.state == "running" and task.backup is None and len(task.running_on) == 1 and task.job.backs_up
+            and task.job.stage not in UNTIMED_STAGES
             and task.job.stage in thief.stages and thief.id not in task.excluded
             and len(task.attempts) + 2 <= self.max_attempts
         )
@@ -859,7 +922,7 @@ class Scheduler:
     # ---------------------------------------------------------- endings
 
     def _maybe_finish(self, job: Job, now: float) -> list[Instruction]:
-        if not job.open or job.done + job.failed < len(job.tasks):
+        if not job.open or not job.sealed or job.done + job.failed < len(job.tasks):
             return []
         job.state = "finished"
         job.finished = now
@@ -1066,6 +1129,15 @@ class Scheduler:
         for job_id, job in self.jobs.items():
             if job.id != job_id or job.state not in JOB_STATES:
                 raise InvariantError(f"job index: job {job.id} ({job.state!r}) is indexed as {job_id}")
+            if len(job.tasks) > self.max_job_files:
+                raise InvariantError(f"job size: job {job.id} holds {len(job.tasks)} files, over {self.max_job_files}")
+            for position, task in enumerate(job.tasks):
+                if task.index != position or task.id != f"{job.id}:{position}":
+                    raise InvariantError(f"task order: task {task.id} (index {task.index}) is file {position} of "
+                                         f"job {job.id}")
+            total = sum(t.cost for t in job.tasks)
+            if job.residues != total:
+                raise InvariantError(f"job residues: job {job.id} counts {job.residues}, its tasks cost {total}")
             done = [t for t in job.tasks if t.state == "done"]
             failed = sum(1 for t in job.tasks if t.state == "failed")
             if (job.done, job.failed) != (len(done), failed):
@@ -1087,7 +1159,10 @@ class Scheduler:
             if job.wasted_seconds < 0 or not math.isclose(job.wasted_seconds, wasted, rel_tol=1e-9, abs_tol=1e-9):
                 raise InvariantError(f"wasted seconds: job {job.id} counts {job.wasted_seconds}, its workers {wasted}")
             ended = job.done + job.failed == len(job.tasks)
-            if job.open and (ended or job.finished is not None):
-                raise InvariantError(f"job state: job {job.id} is running with every task ended or an end time")
+            if job.open and (ended and job.sealed or job.finished is not None):
+                raise InvariantError(f"job state: job {job.id} is running sealed with every task ended, or has an "
+                                     "end time")
+            if job.state == "finished" and not job.sealed:
+                raise InvariantError(f"job state: job {job.id} finished before it was sealed")
             if job.state == "finished" and not ended or not job.open and job.finished is None:
                 raise InvariantError(f"job state: job {job.id} is {job.state} with tasks left or no end time")

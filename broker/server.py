@@ -32,14 +32,17 @@ import zmq
 from broker import paths, protocol
 from broker.events import (
     Assign,
+    FilesAdded,
     FileSpec,
     Heartbeat,
     Instruction,
     JobCancelled,
     JobFinished,
+    JobSealed,
     JobSubmitted,
     Log,
     Notice,
+    Refused,
     Reregister,
     Revoke,
     TaskFailed,
@@ -107,8 +110,9 @@ class BrokerServer:
         self.wall_clock = wall_clock  # Unix seconds, read only to stamp times people read
         self.started = time.monotonic()
         self.reports: dict[str, dict[str, Any]] = {}
-        # Per open job, how its workers reach the client's file server; passed on, never used here.
-        self.transfers: dict[str, dict[str, Any]] = {}
+        # Per open job, what its workers get with each assignment beside the file: how they reach the client's
+        # file server (`transfer`) and a classify job's classifier. Passed on, never used here.
+        self.job_extras: dict[str, dict[str, Any]] = {}
         self.admission = admission
         # The key that submitted each job the core still knows; only that key may read or cancel it.
         self.submitters: dict[str, str | None] = {}
@@ -224,21 +228,55 @@ class BrokerServer:
         self._perform(self.scheduler.handle(WorkerLeft(identity.hex(), time.monotonic())))
 
     def _submit(self, identity: bytes, m: dict[str, Any]) -> None:
-        problem = check_paths(m["output_dir"], m["files"])
+        problem = check_paths(m["output_dir"], m["files"]) or check_classifier(m["stage"], m.get("classifier"))
         if problem:
-            self.scheduler.count("rejected job")
-            self._send(identity, "error", code=ErrorCode.REJECTED_JOB.value, reason=problem)
+            self._reject(identity, problem)
             return
         job = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        files = tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"]) for f in m["files"])
+        extras = {key: m[key] for key in ("transfer", "classifier") if m.get(key) is not None}
+        if extras:
+            self.job_extras[job] = extras
         instructions = self.scheduler.handle(JobSubmitted(
-            job, m["stage"], m["output_dir"], files, m["weighted"], m["steal"], time.monotonic(), m.get("backup", True)
+            job, m["stage"], m["output_dir"], file_specs(m["files"]), m["weighted"], m["steal"], time.monotonic(),
+            m.get("backup", True), sealed=not m.get("open", False),
         ))
-        if m.get("transfer") is not None:
-            self.transfers[job] = m["transfer"]
         self.submitters[job] = self._sender
         self._send(identity, "submitted", job=job)
         self._perform(instructions)
+
+    def _add(self, identity: bytes, m: dict[str, Any]) -> None:
+        if not self._may_touch(identity, m["job"]):
+            return
+        job = self.scheduler.jobs.get(m["job"])
+        problem = check_paths(job.output_dir, m["files"]) if job is not None else None
+        if problem:
+            self._reject(identity, problem)
+            return
+        instructions = self.scheduler.handle(FilesAdded(m["job"], m["first"], file_specs(m["files"]), time.monotonic()))
+        if not self._refused(identity, instructions):
+            self._send(identity, "added", job=m["job"], files=len(self.scheduler.jobs[m["job"]].tasks))
+        self._perform(instructions)
+
+    def _seal(self, identity: bytes, m: dict[str, Any]) -> None:
+        if not self._may_touch(identity, m["job"]):
+            return
+        instructions = self.scheduler.handle(JobSealed(m["job"], m["files"], time.monotonic()))
+        self._perform(instructions)
+        if not self._refused(identity, instructions):
+            self._send_job_state(identity, m["job"])
+
+    def _reject(self, identity: bytes, reason: str) -> None:
+        self.scheduler.count("rejected job")
+        self._send(identity, "error", code=ErrorCode.REJECTED_JOB.value, reason=reason)
+
+    def _refused(self, identity: bytes, instructions: list[Instruction]) -> bool:
+        """Answer the request with the core's refusal, if it refused; True if it did."""
+        for instruction in instructions:
+            if isinstance(instruction, Refused):
+                self.scheduler.count("refused request")
+                self._send(identity, "error", code=instruction.code, reason=instruction.reason)
+                return True
+        return False
 
     def _job(self, identity: bytes, m: dict[str, Any]) -> None:
         if self._may_touch(identity, m["job"]):
@@ -266,8 +304,8 @@ class BrokerServer:
 
     _handlers: dict[str, Callable[[BrokerServer, bytes, dict[str, Any]], None]] = {
         "register": _register, "request": _request, "heartbeat": _heartbeat, "done": _done,
-        "failed": _failed, "bye": _bye, "submit": _submit, "job": _job, "cancel": _cancel, "status": _status,
-        "keys": _keys,
+        "failed": _failed, "bye": _bye, "submit": _submit, "add": _add, "seal": _seal, "job": _job,
+        "cancel": _cancel, "status": _status, "keys": _keys,
     }
 
     # -------------------------------------------------------- admission
@@ -277,10 +315,11 @@ class BrokerServer:
         self._send(identity, "error", code=ErrorCode.FORBIDDEN.value, reason=reason)
 
     def _may_touch(self, identity: bytes, job: str) -> bool:
-        """True if the sender may read or cancel `job`; otherwise answer `forbidden` (an unknown job passes)."""
+        """True if the sender may read, feed, seal or cancel `job`; otherwise answer `forbidden` (an unknown job
+        passes)."""
         if self.admission is None or job not in self.submitters or self.submitters[job] == self._sender:
             return True
-        self._forbid(identity, f"job {job} was submitted with another key; only that key may read or cancel it")
+        self._forbid(identity, f"job {job} was submitted with another key; only that key may read, add to, seal or cancel it")
         return False
 
     def _hide_others(self, status: dict[str, Any]) -> None:
@@ -300,7 +339,7 @@ class BrokerServer:
                        reason=f"unknown job {job_id!r} (the broker may have restarted)")
             return
         self._send(identity, "job_state", job=job_id, state=job.state,
-                   progress=job_progress(job), report=self.reports.get(job_id))
+                   progress=job_progress(self.scheduler, job), report=self.reports.get(job_id))
 
     def _unix_offset(self) -> float:
         """What turns a time on the core's monotonic clock into Unix seconds, by the wall clock now."""
@@ -313,11 +352,13 @@ class BrokerServer:
         offset = self._unix_offset()  # one for the batch: the records of one event keep one time
         for instruction in instructions:
             if isinstance(instruction, Assign):
-                transfer = self.transfers.get(instruction.job)
+                extra = dict(self.job_extras.get(instruction.job, {}))
+                if instruction.paired is not None:
+                    extra["paired"] = instruction.paired
                 self._send(bytes.fromhex(instruction.worker), "assign", task=instruction.task, job=instruction.job,
                            stage=instruction.stage, path=instruction.path,
                            output_dir=self.scheduler.jobs[instruction.job].output_dir, output=instruction.output,
-                           **({"transfer": transfer} if transfer is not None else {}))
+                           **extra)
             elif isinstance(instruction, Revoke):
                 self._send(bytes.fromhex(instruction.worker), "revoke", task=instruction.task)
             elif isinstance(instruction, Reregister):
@@ -333,7 +374,7 @@ class BrokerServer:
                     del self.reports[forgotten]
                 for forgotten in [job for job in self.submitters if job not in self.scheduler.jobs]:
                     del self.submitters[forgotten]
-                self.transfers.pop(instruction.job, None)
+                self.job_extras.pop(instruction.job, None)
                 self.log.sync()
                 report = instruction.report
                 logger.info("job %s %s: %d done, %d failed, %d steals, makespan %.1f s",
@@ -341,6 +382,22 @@ class BrokerServer:
                             report["makespan"] or 0.0)
             elif isinstance(instruction, Notice):
                 logger.info("%s", instruction.text)
+
+
+def file_specs(files: list[dict[str, Any]]) -> tuple[FileSpec, ...]:
+    """The core's records of a message's validated file specs."""
+    return tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"], f.get("paired")) for f in files)
+
+
+def check_classifier(stage: str, classifier: dict[str, Any] | None) -> str | None:
+    """Why a job's classifier is unacceptable, or None: a classify job names one, by an absolute path; no other job does."""
+    if stage != "classify":
+        return None if classifier is None else f"a {stage} job takes no classifier; only a classify job does"
+    if classifier is None:
+        return "a classify job must name its classifier checkpoint (path and sha256)"
+    if not os.path.isabs(classifier["path"]):
+        return f"classifier {classifier['path']!r} is not an absolute path"
+    return None
 
 
 def check_paths(output_dir: str, files: list[dict[str, Any]]) -> str | None:
@@ -354,9 +411,10 @@ def check_paths(output_dir: str, files: list[dict[str, Any]]) -> str | None:
     if problem:
         return problem
     for spec in files:
-        problem = paths.input_problem(spec["path"])
-        if problem:
-            return problem
+        for path in (spec["path"], spec.get("paired", "/")):
+            problem = paths.input_problem(path)
+            if problem:
+                return problem
         # Split, not normalized: the name must be a plain name right in the directory, as the worker derives it.
         directory, name = os.path.split(spec["output"])
         if directory != output_dir or name in ("", ".", "..") or paths.control_character(name):

@@ -84,7 +84,9 @@ class Job:
     steal: bool
     backup: bool  # backup copies of straggling files, when steal is on too
     submitted: float
+    sealed: bool = True  # False while the client may still add files
     tasks: list[Task] = field(default_factory=list)
+    residues: int = 0  # the cost of all its tasks
     done: int = 0
     failed: int = 0
     residues_done: int = 0

@@ -59,7 +59,9 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
         backup = j.get("backup", False) and j["steal"]
         policy = ",".join(p for p, on in (("weighted", j["weighted"]), ("steal", j["steal"]), ("backup", backup))
                           if on) or "static"
-        jobs.add_row(j["job"], j["stage"], j["state"], str(j["done"]), str(j["failed"]), str(j["running"]),
+        # An open job (not sealed) may still get files: its count is so far.
+        state = j["state"] if j.get("sealed", True) or j["state"] != "running" else "open"
+        jobs.add_row(j["job"], j["stage"], state, str(j["done"]), str(j["failed"]), str(j["running"]),
                      str(j["files"]), str(j["steals"]), f"{j.get('backups_won', 0)}/{j.get('backups', 0)}",
                      f"{j.get('wasted_seconds', 0.0):.1f} s", policy, _seconds(j.get("eta_seconds")),
                      *(("this key" if j.get("yours") else "another key",) if submitters else ()))

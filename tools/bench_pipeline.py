@@ -1,4 +1,6 @@
-"""Benchmark: merge + classify of feature file pairs at the real widths (768 + 2,560), in frames per second.
+"""Benchmark: merge + classify per file pair at the real widths, and `predict` end to end with the tiny models.
+
+Part one (always): merge + classify of feature file pairs at the real widths (768 + 2,560), in frames/s.
 
 Each pair is one DNABERT-S file and one ESM-2 file of random features, as
 the embedding stages write them, with the split's ids (`read<i>_chunk_1F1`);
@@ -10,7 +12,16 @@ N), to show how it scales with workers, and once as one process using every
 core; then the final two files are assembled from the per-pair files of
 the first run (assemble_predictions), timed on its own.
 
+Part two (--end-to-end N): `virnucpro predict` on N generated reads
+(tools/make_example_reads.py) with the tiny models and 2 CPU workers, as a
+user runs it: its wall time, and how much of it falls after the last
+embedding finished (the last DNABERT-S or ESM-2 `task_done` in a throughput
+log of its own), which is what classification adds to the run. Run it as
+`--predict-command "python -m virnucpro.cli"` with another checkout on
+PYTHONPATH to measure that version the same way.
+
     python tools/bench_pipeline.py [--frames 10000] [--pairs 2] [--processes 2] [--json results.json]
+    python tools/bench_pipeline.py --end-to-end 50000 --skip-pairs [--json results.json]
 """
 
 from __future__ import annotations
@@ -18,6 +29,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -114,21 +128,72 @@ def run(frames: int, pairs_each: int, process_counts: list[int]) -> dict[str, An
     return results
 
 
+EMBEDDING_STAGES = ("dnabert", "esm")
+
+
+def after_last_embedding(throughput_log: Path, ended: float) -> dict[str, Any]:
+    """When the last embedding file of the log finished (Unix s), and the seconds from then to `ended`."""
+    times = [record["time"] for record in map(json.loads, throughput_log.read_text().splitlines())
+             if record.get("event") == "task_done" and record.get("stage") in EMBEDDING_STAGES]
+    last = max(times)
+    return {"last_embedding_unix": last, "after_last_embedding_s": ended - last}
+
+
+def end_to_end(reads: int, workers: int, predict_command: list[str], root: Path) -> dict[str, Any]:
+    """Run predict on `reads` generated reads; its wall time and the share after the last embedding."""
+    fasta = root / "reads.fa"
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_example_reads.py")), str(fasta),
+                    "--reads", str(reads)], check=True, capture_output=True)
+    log = root / "throughput.jsonl"
+    out = root / "predictions"
+    argv = [*predict_command, "predict", str(fasta), "-o", str(out), "--models", "tiny", "--workers", str(workers),
+            "--throughput-log", str(log)]
+    started = time.time()
+    run = subprocess.run(argv, capture_output=True, text=True)
+    ended = time.time()
+    if run.returncode != 0:
+        raise click.ClickException(f"predict exited with {run.returncode}:\n{run.stderr[-3000:]}")
+    result: dict[str, Any] = {"reads": reads, "workers": workers, "command": argv, "wall_s": ended - started,
+                              **after_last_embedding(log, ended)}
+    result["after_share"] = result["after_last_embedding_s"] / result["wall_s"]
+    summary = out / "summary.json"
+    if summary.exists():  # versions before the classify stage wrote none
+        result["summary"] = json.loads(summary.read_text())
+    return result
+
+
 @click.command()
 @click.option("--frames", default=10000, show_default=True, help="Frames per file pair (the split's file size).")
 @click.option("--pairs", "pairs_each", default=2, show_default=True, help="File pairs per process.")
 @click.option("--processes", default="1,2", show_default=True, help="Comma-separated process counts to time.")
+@click.option("--skip-pairs", is_flag=True, help="Leave out part one (merge + classify per pair).")
+@click.option("--end-to-end", "reads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also run `virnucpro predict` on N generated reads with the tiny models (part two).")
+@click.option("--workers", default=2, show_default=True, help="CPU workers predict starts in part two.")
+@click.option("--predict-command", default=None, metavar="CMD",
+              help="How to run virnucpro in part two [default: the `virnucpro` beside this Python].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(frames: int, pairs_each: int, processes: str, json_path: Path | None) -> None:
-    """Time merge + classify per file pair and the assembly; print frames/s (and write them as JSON)."""
-    results = run(frames, pairs_each, [int(p) for p in processes.split(",")])
-    for row in results["runs"]:
-        click.echo(f"{row['processes']} process(es) x {row['threads_each']} thread(s): {row['frames']:,} frames, "
-                   f"{row['frames_per_s']:,.0f} frames/s ({row['ms_per_frame_per_process']:.3f} ms per frame "
-                   "per process)")
-    assembled = results["assemble"]
-    click.echo(f"assembling both prediction files from {assembled['pairs']} pairs: "
-               f"{assembled['frames_per_s']:,.0f} frames/s")
+def main(frames: int, pairs_each: int, processes: str, skip_pairs: bool, reads: int | None, workers: int,
+         predict_command: str | None, json_path: Path | None) -> None:
+    """Time merge + classify per file pair and the assembly, and predict end to end; print (and write JSON)."""
+    results: dict[str, Any] = {}
+    if not skip_pairs:
+        results = run(frames, pairs_each, [int(p) for p in processes.split(",")])
+        for row in results["runs"]:
+            click.echo(f"{row['processes']} process(es) x {row['threads_each']} thread(s): {row['frames']:,} frames, "
+                       f"{row['frames_per_s']:,.0f} frames/s ({row['ms_per_frame_per_process']:.3f} ms per frame "
+                       "per process)")
+        assembled = results["assemble"]
+        click.echo(f"assembling both prediction files from {assembled['pairs']} pairs: "
+                   f"{assembled['frames_per_s']:,.0f} frames/s")
+    if reads is not None:
+        command = shlex.split(predict_command) if predict_command else [str(Path(sys.executable).with_name("virnucpro"))]
+        with tempfile.TemporaryDirectory(prefix="bench-predict-") as scratch:
+            e2e = results["end_to_end"] = end_to_end(reads, workers, command, Path(scratch))
+        click.echo(f"predict on {reads:,} reads, {workers} CPU workers: {e2e['wall_s']:.1f} s, of which "
+                   f"{e2e['after_last_embedding_s']:.1f} s ({e2e['after_share']:.1%}) after the last embedding")
+        if "summary" in e2e:
+            click.echo("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in e2e["summary"]["stage_seconds"].items()))
     if json_path:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
 

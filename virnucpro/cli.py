@@ -15,7 +15,7 @@ from broker import protocol
 from broker.client import broker_address
 from virnucpro import __version__
 from virnucpro.backends.interface import PRECISIONS
-from virnucpro.stages import STAGES
+from virnucpro.stages import MODEL_STAGES, STAGES
 from virnucpro.weights.cli import weights
 from virnucpro.worker.config import INSTALL_MODELS, SETUP_ERROR_EXIT
 
@@ -107,8 +107,8 @@ def _speed_change(value: str | None) -> tuple[float, float] | None:
               help="With --synthetic-speed: run at R residues/s from T seconds after the first file starts.")
 @click.option("--name", default=None, help="Name in logs and status [default: host:device; with --gpus, "
                                            "each worker is NAME:cuda:N, NAME defaulting to host].")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(["dnabert", "esm"]),
-              help="Stages to serve (repeatable) [default: both].")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(list(MODEL_STAGES)),
+              help="Stages to serve (repeatable) [default: dnabert, esm and classify].")
 @click.option("--models", type=click.Choice(["virnucpro", "tiny"]), default="virnucpro", show_default=True,
               help="`tiny`: small random networks of the real shapes, for trying the pipeline anywhere.")
 @click.option("--dnabert-model", default=None, metavar="PATH|NAME", help="DNABERT-S model directory or cached name.")
@@ -123,11 +123,13 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
            gpu_name: str | None, synthetic_speed: float | None, synthetic_change: tuple[float, float] | None,
            name: str | None, stages: tuple[str, ...], models: str, dnabert_model: str | None, esm_model: str | None,
            precision: str | None, broker_timeout: float, insecure: bool) -> None:
-    """Run one worker: register with the broker and embed the files it is given.
+    """Run one worker: register with the broker and embed (or classify) the files it is given.
 
     Start one per GPU, or one command per node with --gpus all. Models are
-    loaded once, before registering, and kept across files and jobs. Ctrl-C
-    or SIGTERM leaves cleanly: the broker hands the worker's files to the
+    loaded once, before registering, and kept across files and jobs; a
+    classify job's classifier is loaded at its first file pair, and
+    classification always runs on the CPU, on one thread. Ctrl-C or
+    SIGTERM leaves cleanly: the broker hands the worker's files to the
     others at once. Exit status 78: the worker could not start (a model, a
     package or a key to fix); it is not worth starting again as it is.
 
@@ -162,7 +164,7 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
 
     config = WorkerConfig(
         broker=broker_address(address), device=device, name=name, gpu_name=gpu_name,
-        synthetic_speed=synthetic_speed, synthetic_change=synthetic_change, stages=stages or ("dnabert", "esm"),
+        synthetic_speed=synthetic_speed, synthetic_change=synthetic_change, stages=stages or MODEL_STAGES,
         models=models, dnabert_model=dnabert_model, esm_model=esm_model, precision=precision,
         broker_timeout=broker_timeout, insecure=insecure,
     )
@@ -183,7 +185,8 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
 
 @cli.command()
 @click.option("--broker", "address", default=None, metavar="ADDR", help=BROKER_HELP)
-@click.option("--stage", required=True, type=click.Choice(sorted(STAGES)), help="Which embedding stage to run.")
+@click.option("--stage", required=True, type=click.Choice(sorted(s.name for s in STAGES.values() if s.fasta_input)),
+              help="Which embedding stage to run.")
 @click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where outputs and run_report.json go; complete outputs already there are skipped.")
 @click.option("--weighted", is_flag=True, help="Seed queues by the GPU weight table (else all weights 1.0).")

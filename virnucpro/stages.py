@@ -19,13 +19,20 @@ class Stage:
     name: str
     suffix: str  # appended to the input's stem to name its output
     help: str
+    fasta_input: bool = True  # its task reads one FASTA file (`virnucpro embed` can submit it)
+    input_suffix: str = ""  # for a stage that reads another's output: that suffix, cut off to find the stem
 
 
 STAGES: dict[str, Stage] = {
     "dnabert": Stage("dnabert", "_DNABERT_S.pt", "DNABERT-S embeddings of nucleotide files"),
     "esm": Stage("esm", "_ESM.pt", "ESM-2 embeddings of protein files"),
+    # A task per file pair k: its two feature files in, its prediction rows out (work/classify/output_k_predictions.tsv).
+    "classify": Stage("classify", "_predictions.tsv", "the classifier's scores of a file pair's features",
+                      fasta_input=False, input_suffix="_DNABERT_S.pt"),
     "synthetic": Stage("synthetic", "_synthetic.json", "a stand-in that waits cost / speed seconds (benchmarks)"),
 }
+# The stages a worker with models serves unless told otherwise: both embeddings, and classify beside them.
+MODEL_STAGES = ("dnabert", "esm", "classify")
 
 
 def input_stem(path: str | Path) -> str:
@@ -40,8 +47,12 @@ def input_stem(path: str | Path) -> str:
 
 
 def output_path(stage: str, input_path: str | Path, output_dir: str | Path) -> Path:
-    """Where `stage` writes the output of `input_path`."""
-    return Path(output_dir) / (input_stem(input_path) + STAGES[stage].suffix)
+    """Where `stage` writes the output of `input_path` (a classify task's input is the pair's DNABERT-S features:
+    `output_3_DNABERT_S.pt` gives `output_3_predictions.tsv`)."""
+    cut = STAGES[stage].input_suffix
+    name = Path(input_path).name
+    stem = name[: -len(cut)] if cut and name.endswith(cut) and name != cut else input_stem(input_path)
+    return Path(output_dir) / (stem + STAGES[stage].suffix)
 
 
 class OutputRefused(ValueError):
@@ -70,14 +81,16 @@ def task_output(stage: str, input_path: str, output_dir: str, claimed: str | Non
     return output
 
 
-def is_complete(path: str | Path) -> bool:
+def is_complete(path: str | Path, classifier_sha256: str | None = None) -> bool:
     """True if `path` holds a whole, readable output, and is a regular file rather than a link to one.
 
     Outputs are published atomically, so a final name normally means a whole
     file; this also rejects one truncated or corrupted afterwards: JSON must
-    parse, and a torch `.pt` (a zip archive) must pass its CRC checks and be
+    parse, a torch `.pt` (a zip archive) must pass its CRC checks and be
     a feature file of this version (ids naming the rows of one float32
-    array), so an older version's per-row format is computed again. A
+    array), so an older version's per-row format is computed again, and a
+    per-pair predictions file (`.tsv`) must hold every row its header counts
+    and, given `classifier_sha256`, have been made by that classifier. A
     symbolic link is never followed: whatever it points at, it is not an
     output, and publishing replaces the link itself.
     """
@@ -98,6 +111,12 @@ def is_complete(path: str | Path) -> bool:
                 with zipfile.ZipFile(handle) as archive:
                     if archive.testzip() is not None:
                         return False
+            if path.suffix == ".tsv":
+                from virnucpro.pipeline.outputs import check_pair_file
+
+                made_by = check_pair_file(path).classifier_sha256
+                # Read by name: still the file checked above, not one put in its place meanwhile.
+                return os.path.samestat(info, os.lstat(path)) and classifier_sha256 in (None, made_by)
         if path.suffix == ".pt":
             from virnucpro.pipeline.features import load_features
 

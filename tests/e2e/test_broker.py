@@ -21,6 +21,7 @@ from broker.security import credentials
 from tests.support.cluster import BROKER, VIRNUCPRO, cluster, free_address, kill_hard
 from tests.support.fasta import write_fasta
 from virnucpro.client.embed import plan_job, run_job
+from virnucpro.client.jobs import JobRun
 from virnucpro.pipeline.gpu_weights import GPU_WEIGHTS
 
 
@@ -336,9 +337,61 @@ def test_a_broker_killed_mid_job_and_restarted_loses_no_finished_file(tmp_path):
         _, stderr = embed.communicate(timeout=90)
         done = c.records("task_done")
     assert embed.returncode == 0, stderr
-    assert "submitting what is not done yet" in stderr
+    assert "submitted what is not done yet" in stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*_synthetic.json")) == sorted(
         f"{f.stem}_synthetic.json" for f in files
     )
     # Files finished before the crash were not run again after it.
     assert not finished_before & {r["file"] for r in done[len(finished_before):]}
+
+
+def follow(run: JobRun, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while run.poll() and run.report is None:
+        assert time.monotonic() < deadline, f"the {run.stage} job did not end within {timeout:g} s"
+        time.sleep(0.1)
+    return run.report
+
+
+def test_a_200000_file_submission_arrives_whole_in_chunks(tmp_path):
+    """Far over one frame's worth of file specs (about 24 MB packed): sent as chunks, every file held in order."""
+    out = tmp_path / "out"
+    specs = [{"path": f"/data/sample/work/protein/output_{i}.fa", "output": str(out / f"output_{i}_synthetic.json"),
+              "sequences": 10, "residues": 1000} for i in range(200_000)]
+    with cluster(tmp_path) as c, c.client(timeout=60.0) as client:
+        run = JobRun(client, "synthetic", out, weighted=True, steal=True)
+        run.submit(specs)
+        progress = run.poll()
+        assert (progress.files, progress.done, progress.amount) == (200_000, 0, 200_000_000)
+        [job] = c.status()["jobs"]
+        assert (job["job"], job["files"], job["residues"], job["sealed"]) == (run.job, 200_000, 200_000_000, True)
+        run.cancel()
+        assert client.request("job", job=run.job)["state"] == "cancelled"
+
+
+def test_an_open_job_takes_files_until_sealed_and_survives_a_broker_restart(tmp_path):
+    files = make_inputs(tmp_path / "in", [2000] * 6)
+    first, later = plan_job("synthetic", files[:4], tmp_path / "out"), plan_job("synthetic", files[4:], tmp_path / "out")
+    with cluster(tmp_path) as c:
+        c.add_worker("a", 4000)
+        c.wait_for_workers(1)
+        with c.client(timeout=2.0) as client:
+            run = JobRun(client, "synthetic", first.output_dir, weighted=False, steal=False)
+            run.submit(first.todo, open=True)
+            deadline = time.monotonic() + 60
+            while run.poll().done < 4:
+                assert time.monotonic() < deadline, "the open job's first files did not finish"
+                time.sleep(0.1)
+            assert run.report is None  # every file is done, but it is not sealed
+            kill_hard(c.broker.process)
+            c.start_broker("--throughput-log", str(c.log), "--heartbeat-interval", "0.2", "--worker-timeout",
+                           "1.5", address=c.address)
+            run.add(later.todo)  # the restarted broker does not know the job: it is submitted again, open
+            assert len(run.ids) == 2
+            run.seal()
+            report = follow(run)
+        done = c.records("task_done")
+    assert report["state"] == "finished" and report["files"] == 2  # the four finished before were not sent again
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_synthetic.json")) == sorted(
+        f"{f.stem}_synthetic.json" for f in files)
+    assert len(done) == 6 and len({r["file"] for r in done}) == 6

@@ -18,8 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+from virnucpro.client.local import LocalCluster
 from virnucpro.pipeline.fasta import read_fasta
+from virnucpro.pipeline.features import load_features
+from virnucpro.pipeline.merge import merge_features
 
 ROOT = Path(__file__).resolve().parents[2]
 VIRNUCPRO = Path(sys.executable).with_name("virnucpro")
@@ -111,9 +115,9 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
 
 
 def snapshot(out: Path) -> dict[Path, tuple[int, int]]:
-    """(inode, mtime) of every finished split file and embedding: changed if recomputed."""
+    """(inode, mtime) of every finished split file, embedding and per-pair prediction file: changed if recomputed."""
     files = [*(out / "work").glob("nucleotide/*.fa"), *(out / "work").glob("protein/*.fa"),
-             *embedded(out, "dnabert"), *embedded(out, "esm")]
+             *embedded(out, "dnabert"), *embedded(out, "esm"), *(out / "work").glob("classify/output_*.tsv")]
     return {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
 
 
@@ -129,15 +133,33 @@ def reference(env: dict[str, str], reads: Path, tmp_path_factory: pytest.TempPat
         report = json.loads((out / "work" / stage / "run_report.json").read_text())
         assert report["precision"] == {"fp32": len(list((out / "work" / stage).glob("output_*.pt")))}
     assert not (out / "failed_files.txt").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    frames = sum(1 for _ in (out / RESULTS[0]).open()) - 1
+    assert (summary["reads"], summary["frames"], summary["exit_status"], summary["failures"]) == (60, frames, 0, [])
+    assert set(summary["stage_seconds"]) == {"split", "dnabert", "esm", "classify", "total"}
+    assert 0 < summary["stage_seconds"]["classify"] < summary["stage_seconds"]["total"]
+    assert set(summary["jobs"]) == {"dnabert", "esm", "classify"}
+    classify = json.loads((out / "work" / "classify" / "run_report.json").read_text())
+    assert (classify["stage"], classify["done"], classify["failed"]) == ("classify", summary["file_pairs"], 0)
     return results(out)
 
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_weighted_stealing_with_one_or_three_workers_gives_byte_identical_predictions(
         env: dict[str, str], reads: Path, tmp_path: Path, reference: dict[str, bytes], workers: int) -> None:
-    run = predict(env, reads, "-o", tmp_path / "out", "--workers", str(workers), "--weighted", "--steal", *COMMON)
+    keep = ["--keep-features"] if workers == 3 else []
+    out = tmp_path / "out"
+    run = predict(env, reads, "-o", out, "--workers", str(workers), "--weighted", "--steal", *keep, *COMMON)
     assert run.returncode == 0, run.stderr
-    assert results(tmp_path / "out") == reference
+    assert results(out) == reference
+    merged = sorted((out / "work" / "merged").glob("output_*_merged.pt"))
+    assert len(merged) == (len(embedded(out)) if keep else 0)
+    for path in merged:
+        k = path.name.split("_")[1]
+        expected = merge_features(out / "work" / "dnabert" / f"output_{k}_DNABERT_S.pt",
+                                  out / "work" / "esm" / f"output_{k}_ESM.pt")
+        kept = load_features(path, "merged")
+        assert kept.ids == expected.ids and torch.equal(kept.data, expected.data)
 
 
 def test_killed_worker_mid_run_still_completes_with_the_same_predictions(
@@ -151,6 +173,32 @@ def test_killed_worker_mid_run_still_completes_with_the_same_predictions(
     code, output = finish(process)
     assert code == 0, output
     assert "exited with code -9" in output
+    assert results(out) == reference
+
+
+def test_a_classify_worker_killed_mid_run_is_replaced_and_the_predictions_are_the_same(
+        env: dict[str, str], reads: Path, tmp_path: Path, reference: dict[str, bytes]) -> None:
+    """predict on a running broker: two workers embed, one classifies until it is killed, a new one takes over."""
+    out = tmp_path / "out"
+    tiny = ["--models", "tiny", "--broker-timeout", "5"]
+    with LocalCluster(tmp_path / "logs") as cluster:
+        cluster.start_broker("--throughput-log", str(tmp_path / "log.jsonl"), "--heartbeat-interval", "0.2",
+                             "--worker-timeout", "1.5")
+        for name in ("embed-1", "embed-2"):
+            cluster.start_worker(name, "--stage", "dnabert", "--stage", "esm", *tiny, env=env)
+        doomed = cluster.start_worker("classify-1", "--stage", "classify", *tiny, env=env)
+        process = start_predict(env, reads, "-o", out, "--broker", cluster.address, *COMMON)
+        predictions = out / "work" / "classify"
+        wait_for(lambda: list(predictions.glob("output_*_predictions.tsv")) or process.poll() is not None, 120,
+                 "the first per-pair predictions")
+        doomed.process.kill()
+        before = len(list(predictions.glob("output_*_predictions.tsv")))
+        cluster.start_worker("classify-2", "--stage", "classify", *tiny, env=env)
+        code, output = finish(process)
+        replacement = cluster.workers["classify-2"].log.read_text()
+    assert code == 0, output
+    assert before < len(list(predictions.glob("output_*_predictions.tsv")))
+    assert "_predictions.tsv" in replacement  # the new worker classified what the killed one left
     assert results(out) == reference
 
 
@@ -186,8 +234,11 @@ def test_resume_after_killed_predict_recomputes_nothing_and_failed_files_give_ex
     assert (out / RESULTS[0]).read_text() == "".join(kept)
 
     broken.write_text(original)
+    done = snapshot(out)
     run = predict(env, *args, "--resume")
     assert run.returncode == 0, run.stderr
+    assert "file pairs already classified by this classifier; reused" in run.stderr
+    assert {f: v for f, v in snapshot(out).items() if f in done} == done
     assert not (out / "failed_files.txt").exists()
     assert results(out) == reference
 

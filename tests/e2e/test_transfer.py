@@ -138,8 +138,14 @@ def test_predict_with_workers_that_cannot_see_the_clients_files_gives_identical_
     assert run.returncode == 0, run.stderr + "\n".join(logs.values())
     for stage in ("dnabert", "esm"):
         files = len(list((client_dir / "out" / "work" / stage).glob("output_*.pt")))
-        assert f"transfers: {files} inputs sent" in run.stderr and f"{files} outputs received and verified" in run.stderr
+        assert f"{stage} transfers: {files} inputs sent" in run.stderr
+        assert f"{files} outputs received and verified" in run.stderr
         assert leftovers(client_dir / "out" / "work" / stage) == []
+    # Classify fetched both feature files of every pair, and the classifier.
+    pairs = len(list((client_dir / "out" / "work" / "classify").glob("output_*_predictions.tsv")))
+    assert f"classify transfers: {2 * pairs + 1} inputs sent" in run.stderr
+    assert f"{pairs} outputs received and verified" in run.stderr
+    assert leftovers(client_dir / "out" / "work" / "classify") == []
     assert {name: (client_dir / "out" / name).read_bytes() for name in RESULTS} == \
         {name: (tmp_path / "shared" / name).read_bytes() for name in RESULTS}
     # Each worker really could not see the client's files, and both took part.

@@ -13,9 +13,12 @@ from typing import Any
 
 from broker.events import (
     Assign,
+    FilesAdded,
+    FileSpec,
     Heartbeat,
     JobCancelled,
     JobFinished,
+    JobSealed,
     JobSubmitted,
     Log,
     TaskFailed,
@@ -43,6 +46,12 @@ def log_records(out: Iterable[Any], event: str) -> list[dict[str, Any]]:
 
 def finished(out: Iterable[Any]) -> list[JobFinished]:
     return of_type(out, JobFinished)
+
+
+def added_specs(job: str, costs: Sequence[int], first: int) -> tuple[FileSpec, ...]:
+    """The specs Driver.add sends: named by their index in the job, as file_specs names a submission's."""
+    return tuple(FileSpec(path=f"{job}-{first + i}.fa", output=f"out/{job}-{first + i}.npy",
+                          sequences=max(1, cost // 100), residues=cost) for i, cost in enumerate(costs))
 
 
 class Driver:
@@ -74,10 +83,21 @@ class Driver:
                                        weight=weight, stages=tuple(stages), now=self._at(at)))
 
     def submit(self, job: str, costs: Sequence[int], *, weighted: bool = True, steal: bool = True,
-               backup: bool = True, stage: str = STAGE, at: float | None = None) -> list[Any]:
+               backup: bool = True, stage: str = STAGE, sealed: bool = True, at: float | None = None) -> list[Any]:
         return self._feed(JobSubmitted(job=job, stage=stage, output_dir=f"out/{job}",
                                        files=file_specs(costs, prefix=f"{job}-"), weighted=weighted, steal=steal,
-                                       backup=backup, now=self._at(at)))
+                                       backup=backup, now=self._at(at), sealed=sealed))
+
+    def add(self, job: str, costs: Sequence[int], *, first: int | None = None, at: float | None = None) -> list[Any]:
+        """Add files `{job}-{first + i}.fa` to an open job; `first` defaults to the count it holds."""
+        held = len(self.scheduler.jobs[job].tasks) if job in self.scheduler.jobs else 0
+        start = held if first is None else first
+        return self._feed(FilesAdded(job=job, first=start, files=added_specs(job, costs, start), now=self._at(at)))
+
+    def seal(self, job: str, files: int | None = None, at: float | None = None) -> list[Any]:
+        """Seal a job; `files` (the count the client says it sent) defaults to the count it holds."""
+        count = len(self.scheduler.jobs[job].tasks) if files is None else files
+        return self._feed(JobSealed(job=job, files=count, now=self._at(at)))
 
     def request(self, worker: str, at: float | None = None) -> list[Any]:
         return self._feed(WorkRequested(worker=worker, now=self._at(at)))

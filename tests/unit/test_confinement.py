@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from virnucpro.atomic import write_text_atomically
+from virnucpro.client.run_dir import classify_spec
+from virnucpro.pipeline.outputs import pair_predictions_path
+from virnucpro.pipeline.sequences import FilePair
 from virnucpro.scratch import LOCK_SUFFIX, WORK, Scratch
 from virnucpro.stages import OutputRefused, is_complete, task_output
 from virnucpro.worker.publish import publish
@@ -22,6 +25,14 @@ OUTPUT = json.dumps({"sequences": 1, "residues": 4, "records": []})
 def test_the_output_is_derived_from_the_stage_the_input_and_the_directory() -> None:
     assert task_output("synthetic", "/data/in_3.fa", "/out") == Path("/out/in_3_synthetic.json")
     assert task_output("esm", "/data/in_3.faa.gz", "/out", "/out/in_3_ESM.pt") == Path("/out/in_3_ESM.pt")
+
+
+def test_a_classify_task_writes_the_per_pair_file_the_client_names_for_its_pair(tmp_path: Path) -> None:
+    pair = FilePair(index=3, nucleotide=tmp_path / "nucleotide" / "output_3.fa",
+                    protein=tmp_path / "protein" / "output_3.fa", sequences=10)
+    spec = classify_spec(pair, tmp_path)
+    output = task_output("classify", spec["path"], str(tmp_path.resolve() / "classify"), spec["output"])
+    assert output == pair_predictions_path(tmp_path.resolve() / "classify", 3)
 
 
 def test_an_input_named_bashrc_cannot_make_the_worker_write_bashrc() -> None:

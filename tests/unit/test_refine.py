@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -196,6 +197,17 @@ def test_stage_filter_keeps_only_that_stages_jobs_and_all_includes_synthetic(tmp
     assert (everything.jobs_used, everything.jobs_other_stage) == (3, 0)
     with pytest.raises(ValueError, match="stage must be one of"):
         refined(records, tmp_path, stage="synthetic")
+
+
+def test_classify_jobs_are_left_out_since_their_files_run_on_the_cpu(tmp_path):
+    rng = random.Random(10)
+    records = simulate_job("e", [RTX_3090, H100], rng, stage="esm")
+    # Classify files take as long beside the H100 as beside the 3090: a CPU, not the GPU, did the work.
+    cpu_bound = [dataclasses.replace(r, seconds=r.residues / 1000, residues_per_s=1000.0) if isinstance(r, TaskDone)
+                 else r for r in simulate_job("c", [RTX_3090, H100], rng, stage="classify")]
+    with_classify = refined(records + cpu_bound, tmp_path, stage="all")
+    assert (with_classify.jobs_used, with_classify.jobs_other_stage) == (1, 1)
+    assert with_classify.weights == refined(records, tmp_path, stage="all").weights
 
 
 def test_gpu_unknown_to_the_table_is_fitted_under_its_device_name_and_reads_back(tmp_path):

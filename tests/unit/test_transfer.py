@@ -419,6 +419,40 @@ def test_a_token_opens_only_its_own_jobs_files():
     assert send == SendInput(WORKER, "job:1", "/data/b1.fa", 0, 10)
 
 
+def test_a_task_with_further_inputs_serves_each_by_its_number_and_no_other():
+    core = FileServerCore("/up")
+    served = ServedFile("/w/dnabert/output_1_DNABERT_S.pt", "/w/classify/output_1_predictions.tsv",
+                        ("/w/esm/output_1_ESM.pt", "/models/500_model.pth"))
+    core.add_job(TOKEN, [served])
+    stat = {"type": "stat", "token": TOKEN, "task": "job:0", "output": "output_1_predictions.tsv"}
+    assert core.handle(WORKER, stat, None, 0) == [DescribeInput(WORKER, "job:0", served.input, served.output)]
+    assert core.handle(WORKER, {**stat, "input": 2}, None, 0) == [
+        DescribeInput(WORKER, "job:0", "/models/500_model.pth", served.output)]
+    get = {"type": "get", "token": TOKEN, "task": "job:0", "offset": 10, "size": 10, "input": 1}
+    assert core.handle(WORKER, get, None, 0) == [SendInput(WORKER, "job:0", "/w/esm/output_1_ESM.pt", 10, 10)]
+    [reply] = core.handle(WORKER, {**get, "input": 3}, None, 0)
+    assert isinstance(reply, Reply) and reply.fields["code"] == "unknown" and "no input 3" in reply.fields["reason"]
+
+
+def test_a_download_of_a_further_input_names_it_in_every_request_and_fetches_it_whole():
+    network = Network({"/data/a.fa": b"the file itself"})
+    network.core.add_job(TOKEN, [ServedFile("/data/a.fa", "/out/0.json", ("/data/b.pt",))])
+    network.disk["/data/b.pt"] = CONTENT
+    local = bytearray()
+    assert run(Download(TOKEN, "job:0", "0.json", chunk=CHUNK, credit=CREDIT, input=1), network, local) == \
+        Fetched(False)
+    assert bytes(local) == CONTENT
+    assert {m.get("input") for m in network.requests} == {1}
+
+
+def test_files_added_to_a_job_are_served_after_those_offered_by_their_index_in_the_job():
+    core = FileServerCore("/up")
+    core.add_job(TOKEN, [ServedFile("/data/0.fa", "/out/0.json")])
+    core.add_files(TOKEN, [ServedFile("/data/1.fa", "/out/1.json")])
+    get = {"type": "get", "token": TOKEN, "task": "job:1", "offset": 0, "size": 10}
+    assert core.handle(WORKER, get, None, 0) == [SendInput(WORKER, "job:1", "/data/1.fa", 0, 10)]
+
+
 def test_chunks_from_a_peer_that_was_not_asked_are_ignored():
     network = Network({"/data/a.fa": CONTENT})
     network.request(b"worker-1", "put", {"token": TOKEN, "task": "job:0", "output": "0.json", "size": 30,

@@ -231,6 +231,14 @@ def test_an_assignment_starts_its_file():
     assert w.session.task == "t1"
 
 
+def test_a_classify_assignment_carries_its_paired_input_and_the_jobs_classifier_to_the_task():
+    w = ready_worker()
+    pair = {**assignment("c:0"), "stage": "classify", "path": "/w/dnabert/output_1_DNABERT_S.pt",
+            "paired": "/w/esm/output_1_ESM.pt", "output": "/w/classify/output_1_predictions.tsv",
+            "classifier": {"path": "/models/500_model.pth", "sha256": "0f" * 32}}
+    assert w.hear("assign", **pair) == [StartTask(pair)]
+
+
 def test_an_assignment_while_a_file_runs_is_ignored():
     w = ready_worker()
     w.assign("t1")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from virnucpro.backends.interface import Backend
+from virnucpro.backends.interface import Backend, PairBackend
 
 
 def tiny_models_dir() -> Path:
@@ -32,16 +32,17 @@ def model_paths(models: str, dnabert_model: str | None, esm_model: str | None) -
 def load_backends(
     stages: tuple[str, ...], device: str, models: str = "virnucpro",
     dnabert_model: str | None = None, esm_model: str | None = None, precision: str | None = None,
-) -> dict[str, Backend]:
+) -> dict[str, Backend | PairBackend]:
     """Load the backend of every stage in `stages` onto `device`, once, to run in `precision`.
 
     Raises ModelNotFoundError or ModelFormatError for a model that is not
     there or not in its format, ImportError when the models extra is
     missing, PrecisionError for a precision the device lacks, and
     RuntimeError for a device torch cannot use. `precision` None is bf16
-    where the GPU has it natively, fp32 elsewhere.
+    where the GPU has it natively, fp32 elsewhere. Classify loads nothing
+    now: each job names its classifier, loaded on its first task.
     """
-    backends: dict[str, Backend] = {}
+    backends: dict[str, Backend | PairBackend] = {}
     paths = model_paths(models, dnabert_model, esm_model)
     for stage in stages:
         if stage == "dnabert":
@@ -52,4 +53,8 @@ def load_backends(
             from virnucpro.backends.esm import EsmBackend
 
             backends[stage] = EsmBackend(paths["esm"], device=device, precision=precision)
+        elif stage == "classify":
+            from virnucpro.backends.classify import ClassifyBackend
+
+            backends[stage] = ClassifyBackend()
     return backends

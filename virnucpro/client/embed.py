@@ -1,33 +1,32 @@
-"""The embed client: submit one stage's files as a broker job, show progress, report per worker."""
+"""The embed client: plan one stage's files, run them as a broker job, show progress, report per worker."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
 from broker.paths import output_dir_problem
-from broker.protocol import ErrorCode
 from broker.security import SecurityError
 from virnucpro.atomic import write_text_atomically
+from virnucpro.client.jobs import JobLost, JobRun
+from virnucpro.client.progress import StageProgress
 from virnucpro.pipeline.fasta import FastaError, fasta_stats
 from virnucpro.stages import is_complete, output_path
-from virnucpro.transfer.fileserver import TransferSetupError, start_file_server, sweep
+from virnucpro.transfer.fileserver import FileServer, TransferSetupError, start_file_server, sweep
 
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2
 POLL_SECONDS = 0.25
-MAX_RESUBMITS = 10
 
 
 class EmbedError(RuntimeError):
@@ -108,7 +107,7 @@ def run_job(
     transfer_address: str | None = None,
     backup: bool = True,
 ) -> dict[str, Any]:
-    """Submit the plan, show progress until it ends, and return the broker's report.
+    """Submit the plan (in chunks), show progress until it ends, and return the broker's report.
 
     `backup`: with `steal`, let idle workers run backup copies of straggling files.
 
@@ -117,64 +116,42 @@ def run_job(
     server runs meanwhile for workers that cannot see this machine's files
     (virnucpro.transfer).
     """
+    with file_server(client, plan.output_dir, transfer, transfer_address) as server:
+        run = JobRun(client, plan.stage, plan.output_dir, weighted=weighted, steal=steal, backup=backup, server=server,
+                     on_resubmit=lambda job: console.print(f"[yellow]the broker lost the {plan.stage} job "
+                                                           f"(restarted?); submitted what is not done yet as {job}"
+                                                           "[/yellow]"))
+        try:
+            run.submit(plan.todo)
+            with StageProgress(console) as progress:
+                while True:
+                    progress.update(label or plan.stage, run.poll())
+                    if run.report is not None:
+                        break
+                    time.sleep(POLL_SECONDS)
+        except KeyboardInterrupt:
+            run.cancel()
+            raise
+        if server is not None and server.summary():
+            console.print(server.summary(), markup=False)
+        return run.report
+
+
+@contextmanager
+def file_server(client: BrokerClient, output_dir: Path, transfer: str,
+                address: str | None) -> Iterator[FileServer | None]:
+    """While open, a file server for one job's files (None with --transfer never); EmbedError if it cannot start."""
     try:
         # Without --insecure the file server lets in only the keys the broker admits as workers.
         workers = client.request("keys")["keys"] if client.credentials is not None and transfer != "never" else None
-        files = start_file_server(client.address, workers, plan.output_dir, transfer, transfer_address)
+        server = start_file_server(client.address, workers, output_dir, transfer, address)
     except TransferSetupError as exc:
         raise EmbedError(str(exc)) from None
-    with files if files is not None else nullcontext():
-        todo = plan.todo
-        for _ in range(MAX_RESUBMITS):
-            offer: dict[str, Any] = {"transfer": files.offer(todo)} if files is not None else {}
-            job = client.request("submit", stage=plan.stage, output_dir=str(plan.output_dir), files=todo,
-                                 weighted=weighted, steal=steal, backup=backup, **offer)["job"]
-            try:
-                report = _follow(client, job, sum(f["residues"] for f in todo), console, label or plan.stage)
-            except BrokerError as exc:
-                if exc.code is not ErrorCode.UNKNOWN_JOB:
-                    raise
-                console.print(f"[yellow]the broker lost job {job} (restarted?); submitting what is not done yet"
-                              "[/yellow]")
-                todo = [f for f in todo if not is_complete(f["output"])]
-                client.wait_until_up(client.timeout * 6)
-                continue
-            if files is not None and files.summary():
-                console.print(files.summary(), markup=False)
-            return report
-    raise EmbedError(f"the broker at {client.address} lost the job {MAX_RESUBMITS} times; giving up")
-
-
-def _follow(client: BrokerClient, job: str, residues: int, console: Console, label: str) -> dict[str, Any]:
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("files, {task.fields[failed]} failed, {task.fields[steals]} steals"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task(label, total=None, failed=0, steals=0)
-        try:
-            while True:
-                state = _job_state(client, job)
-                p = state["progress"]
-                progress.update(bar, total=p["files"], completed=p["done"] + p["failed"],
-                                failed=p["failed"], steals=p["steals"])
-                if state["report"] is not None:
-                    return state["report"]
-                time.sleep(POLL_SECONDS)
-        except KeyboardInterrupt:
-            try:
-                client.request("cancel", job=job, timeout=2.0)
-            except (BrokerError, BrokerUnreachable):
-                pass
-            raise
-
-
-def _job_state(client: BrokerClient, job: str) -> dict[str, Any]:
-    # A broker busy with a burst of results may answer late once; only a long silence is fatal.
-    for _ in range(2):
-        try:
-            return client.request("job", job=job)
-        except BrokerUnreachable:
-            pass
-    return client.request("job", job=job)
+    if server is None:
+        yield None
+        return
+    with server:
+        yield server
 
 
 def make_console() -> Console:
@@ -256,9 +233,9 @@ def embed(
         try:
             with BrokerClient(address, insecure=insecure) as client:
                 wait_for_workers(client, stage, min_workers, timeout, console)
-                report = run_job(client, plan, weighted=weighted, steal=steal, backup=backup, console=console,
-                                 transfer=transfer, transfer_address=transfer_address)
-        except (BrokerUnreachable, BrokerError, EmbedError, SecurityError) as exc:
+                report = run_job(client, plan, weighted=weighted, steal=steal, backup=backup, console=console, transfer=transfer,
+                                 transfer_address=transfer_address)
+        except (BrokerUnreachable, BrokerError, EmbedError, JobLost, SecurityError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             return EXIT_ERROR
         except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from broker.server import default_log_path
 from virnucpro.client.embed import wait_for_workers
 from virnucpro.client.local import LocalCluster
 from virnucpro.client.options import PredictError, PredictOptions
-from virnucpro.client.run_dir import STAGE_DIRS
+from virnucpro.client.run_dir import RUN_STAGES
 
 CLIENT_TIMEOUT = 5.0
 
@@ -142,7 +142,7 @@ def broker_session(options: PredictOptions, devices: Sequence[str], work_dir: Pa
         console.print(f"throughput log: {options.throughput_log or default_log_path()}", markup=False)
         client = WatchedClient(cluster, CLIENT_TIMEOUT)
         with client:
-            for stage, _, _ in STAGE_DIRS:
+            for stage in RUN_STAGES:
                 wait_for_workers(client, stage, len(devices), options.timeout, console)
             client.starting = False
             yield client

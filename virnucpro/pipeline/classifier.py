@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import pickle
 import sys
@@ -84,13 +85,39 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> MLP
     load only checkpoints from a source you trust. Raises
     ClassifierCheckpointError naming the file when it holds anything else.
     """
+    return load_classifier_with_digest(path, device=device)[0]
+
+
+def load_classifier_with_digest(path: str | Path, expected_sha256: str | None = None,
+                                device: str | torch.device = "cpu") -> tuple[MLPClassifier, str]:
+    """The classifier at `path` (as load_classifier) and the SHA-256 of its checkpoint's bytes.
+
+    The digest is of the very bytes loaded, read once. With
+    `expected_sha256`, a checkpoint with another digest is refused
+    (ClassifierCheckpointError): the file changed since the digest was taken,
+    or another file lies at that path.
+    """
     path = Path(path)
-    if not path.is_file():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         raise ClassifierCheckpointError(
             f"{path}: no such classifier checkpoint; pass the path of 300_model.pth or 500_model.pth"
+        ) from None
+    except OSError as exc:
+        raise ClassifierCheckpointError(f"{path}: the classifier checkpoint cannot be read ({exc.strerror})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ClassifierCheckpointError(
+            f"{path}: the classifier checkpoint has SHA-256 {digest}, not {expected_sha256} as submitted; it changed "
+            "since, or this machine holds another file at that path"
         )
+    return _load_checkpoint(path, data).to(device).eval(), digest
+
+
+def _load_checkpoint(path: Path, data: bytes) -> MLPClassifier:
     try:
-        model = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_with_main)
+        model = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_pickle_with_main)
     except LOAD_ERRORS as exc:
         raise ClassifierCheckpointError(
             f"{path}: not a VirNucPro classifier checkpoint ({type(exc).__name__}: {exc}); "
@@ -105,7 +132,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> MLP
         raise ClassifierCheckpointError(
             f"{path}: the classifier has {model.output_layer.out_features} outputs, VirNucPro's has {NUM_CLASS}"
         )
-    return model.to(device).eval()
+    return model
 
 
 @contextlib.contextmanager

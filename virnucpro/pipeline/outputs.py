@@ -30,8 +30,10 @@ RESULTS_HEADER = "Sequence_ID\tPrediction\tscore1\tscore2\n"
 # The original writes the first two columns; the two maxima follow as in virnucpro-broad,
 # whose consumers (viral-ngs' contig classification) read them.
 HIGHESTSCORE_HEADER = "Modified_ID\tIs_Virus\tmax_score_0\tmax_score_1\n"
-# First line of a per-pair file, followed by its frame count, the byte length of its rows and its chunk count.
-PAIR_MAGIC = "#virnucpro-pair-predictions"
+# First line of a per-pair file, followed by its frame count, the byte length of its rows, its chunk count and
+# the SHA-256 of the classifier checkpoint that scored it (UNKNOWN_CLASSIFIER when the caller did not say).
+PAIR_MAGIC = "#virnucpro-pair-predictions-v2"
+UNKNOWN_CLASSIFIER = "unknown"
 # Per-pair files merged at once; more are merged in rounds, so open files stay well under the usual limit.
 MERGE_FAN_IN = 256
 
@@ -76,6 +78,7 @@ def classify_pair(
     classifier: MLPClassifier,
     output_path: str | Path,
     keep_features: str | Path | None = None,
+    classifier_sha256: str | None = None,
 ) -> PairPredictions:
     """Merge and score file pair k, and write its prediction rows and per-chunk maxima to `output_path`.
 
@@ -84,7 +87,9 @@ def classify_pair(
     two frame characters) gets the maximum of each score over its frames in
     this pair; a chunk whose frames continue in the next pair is completed
     by assemble_predictions. With `keep_features`, the merged features are
-    saved there too. Every file appears atomically.
+    saved there too. The file records `classifier_sha256`, the digest of the
+    classifier's checkpoint, so that a later run knows whether it may reuse
+    the rows. Every file appears atomically.
     """
     merged = merge_features(dnabert_path, esm_path)
     if merged.data.shape[1] != classifier.input_dim:
@@ -108,7 +113,8 @@ def classify_pair(
     chunks = "".join(f"{chunk}\t{format_score(best[0])}\t{format_score(best[1])}\n"
                      for chunk, best in sorted(maxima.items()))
     with atomic_write(output_path, "wb") as handle:
-        handle.write(f"{PAIR_MAGIC}\t{len(rows)}\t{len(body)}\t{len(maxima)}\n".encode("ascii"))
+        made_by = classifier_sha256 or UNKNOWN_CLASSIFIER
+        handle.write(f"{PAIR_MAGIC}\t{len(rows)}\t{len(body)}\t{len(maxima)}\t{made_by}\n".encode("ascii"))
         handle.write(body)
         handle.write(chunks.encode("ascii"))
     return PairPredictions(Path(output_path), len(rows), len(maxima))
@@ -126,7 +132,7 @@ def assemble_predictions(pair_paths: Sequence[str | Path], output_dir: str | Pat
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    headers = [_read_header(Path(path)) for path in pair_paths]
+    headers = [read_pair_header(Path(path)) for path in pair_paths]
     results_path, highestscore_path = output_dir / RESULTS_NAME, output_dir / HIGHESTSCORE_NAME
     chunks = 0
     # Both files appear only once both are whole.
@@ -147,30 +153,46 @@ def assemble_predictions(pair_paths: Sequence[str | Path], output_dir: str | Pat
 
 
 @dataclass(frozen=True)
-class _Header:
+class PairHeader:
+    """What the first line of a per-pair file says: its counts, where its parts lie, which classifier made it."""
+
     frames: int
     rows_offset: int
     rows_bytes: int
     chunks: int
+    classifier_sha256: str
 
     @property
     def chunks_offset(self) -> int:
         return self.rows_offset + self.rows_bytes
 
 
-def _read_header(path: Path) -> _Header:
+def read_pair_header(path: str | Path) -> PairHeader:
+    """The header of the per-pair file at `path`; OutputError if it is not one of this version, or is cut short."""
     try:
         with open(path, "rb") as handle:
-            line = handle.readline(200)
+            line = handle.readline(300)
             size = handle.seek(0, 2)
     except OSError as exc:
         raise OutputError(f"{path}: cannot be read ({exc.strerror}); classify the pair again") from None
     fields = line.decode("ascii", "replace").rstrip("\n").split("\t")
-    if len(fields) != 4 or fields[0] != PAIR_MAGIC or not all(f.isdigit() for f in fields[1:]):
+    if len(fields) != 5 or fields[0] != PAIR_MAGIC or not all(f.isdigit() for f in fields[1:4]):
         raise OutputError(f"{path}: not a per-pair predictions file of this version; classify the pair again")
-    header = _Header(int(fields[1]), len(line), int(fields[2]), int(fields[3]))
+    header = PairHeader(int(fields[1]), len(line), int(fields[2]), int(fields[3]), fields[4])
     if header.chunks_offset > size:
         raise OutputError(f"{path}: shorter than its header says (truncated?); classify the pair again")
+    return header
+
+
+def check_pair_file(path: str | Path) -> PairHeader:
+    """The header of a whole per-pair file: OutputError unless its rows and its per-chunk rows are all there."""
+    header = read_pair_header(path)
+    with open(path, "rb") as handle:
+        handle.seek(header.chunks_offset)
+        tail = handle.read()
+    if tail.count(b"\n") != header.chunks or (tail and not tail.endswith(b"\n")):
+        raise OutputError(f"{path}: its per-chunk rows are not the {header.chunks} its header says (truncated?); "
+                          "classify the pair again")
     return header
 
 

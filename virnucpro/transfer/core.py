@@ -246,11 +246,13 @@ class _Transfer(ABC):
 
 
 class Download(_Transfer):
-    """A worker fetching its task's input: its size and checksum first, then its chunks, resumed after silence."""
+    """A worker fetching one of its task's inputs (`input`, 0 for its file): its size and checksum first, then its
+    chunks, resumed after silence."""
 
     def __init__(self, token: str, task: str, output: str, chunk: int = CHUNK, credit: int = CREDIT,
-                 stall: float = STALL, give_up: float = GIVE_UP, attempts: int = ATTEMPTS) -> None:
+                 stall: float = STALL, give_up: float = GIVE_UP, attempts: int = ATTEMPTS, input: int = 0) -> None:
         super().__init__(token, task, output, stall, give_up, attempts)
+        self.input = input
         self.chunk = chunk
         self.credit = credit
         self.receiver: Receiver | None = None
@@ -281,7 +283,11 @@ class Download(_Transfer):
         return []
 
     def _stat(self) -> Send:
-        return Send("stat", {"token": self.token, "task": self.task, "output": self.output})
+        return Send("stat", {"token": self.token, "task": self.task, "output": self.output, **self._which()})
+
+    def _which(self) -> dict[str, int]:
+        # Named only when not the task's own file, so requests for that read as they always have.
+        return {"input": self.input} if self.input else {}
 
     def _resume(self, now: float) -> list[WorkerInstruction]:
         if self.receiver is None:
@@ -293,7 +299,7 @@ class Download(_Transfer):
         for step in steps:
             if isinstance(step, Want):
                 out.append(Send("get", {"token": self.token, "task": self.task, "offset": step.offset,
-                                        "size": step.size}))
+                                        "size": step.size, **self._which()}))
             elif isinstance(step, Write):
                 out.append(step)
             elif isinstance(step, Received):
@@ -354,10 +360,15 @@ class Upload(_Transfer):
 
 @dataclass(frozen=True)
 class ServedFile:
-    """One file of a job: the input the client holds and the output it expects (both its own paths)."""
+    """One file of a job: the input the client holds and the output it expects (all its own paths).
+
+    `more` are the task's further inputs, which a worker asks for by number
+    (1, 2, ...): a classify task's ESM-2 features, then its classifier.
+    """
 
     input: str
     output: str
+    more: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -459,6 +470,10 @@ class FileServerCore:
         """Serve `files` to requests that carry `token`."""
         self._jobs[token] = list(files)
 
+    def add_files(self, token: str, files: list[ServedFile]) -> None:
+        """Serve `files` too to requests that carry `token`, after its job's files (indices go on from there)."""
+        self._jobs[token].extend(files)
+
     def handle(self, peer: bytes, message: dict[str, Any], data: Data | None, now: float) -> list[ServerInstruction]:
         """A request from `peer`, validated against wire.REQUESTS."""
         task = message["task"]
@@ -474,10 +489,14 @@ class FileServerCore:
         if kind in ("stat", "put") and message["output"] != posixpath.basename(served.output):
             return [self._refuse(peer, task, Refusal.UNKNOWN,
                                  f"{task!r} writes {posixpath.basename(served.output)!r}, not {message['output']!r}")]
-        if kind == "stat":
-            return [DescribeInput(peer, task, served.input, served.output)]
-        if kind == "get":
-            return [SendInput(peer, task, served.input, message["offset"], message["size"])]
+        if kind in ("stat", "get"):
+            inputs = (served.input, *served.more)
+            which = message.get("input", 0)
+            if which >= len(inputs):
+                return [self._refuse(peer, task, Refusal.UNKNOWN, f"{task!r} has no input {which}")]
+            if kind == "stat":
+                return [DescribeInput(peer, task, inputs[which], served.output)]
+            return [SendInput(peer, task, inputs[which], message["offset"], message["size"])]
         if kind == "put":
             return self._put(peer, task, (token, index, message["size"], message["sha256"]), served, now)
         key = self._receiving.get((token, index, peer))

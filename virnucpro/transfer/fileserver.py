@@ -173,13 +173,22 @@ class FileServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def offer(self, files: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Serve these files (a submission's `files`, in order) under a new token; the submission's `transfer`."""
+    def offer(self, files: Sequence[dict[str, Any]], also: Sequence[str] = ()) -> dict[str, Any]:
+        """Serve these files (a submission's `files`, in order) under a new token; the submission's `transfer`.
+
+        A file's `paired` input, then the paths in `also` (a classify job's
+        classifier), are served as its further inputs.
+        """
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self.core.add_job(token, [ServedFile(f["path"], f["output"]) for f in files])
+            self.core.add_job(token, served_files(files, also))
         return {"address": self.address, "token": token, "server_key": self.public_key,
                 "marker": str(self.marker) if self.marker else None, "marker_sha256": self.marker_sha256}
+
+    def serve_more(self, offer: dict[str, Any], files: Sequence[dict[str, Any]], also: Sequence[str] = ()) -> None:
+        """Serve `files` too under `offer`'s token, after those offered already (an open job's added files)."""
+        with self._lock:
+            self.core.add_files(offer["token"], served_files(files, also))
 
     def summary(self) -> str | None:
         """What travelled over the connection, for people; None if nothing did."""
@@ -361,6 +370,11 @@ def sweep(output_dir: Path) -> list[Path]:
             marker.unlink(missing_ok=True)
             removed.append(marker)
     return removed
+
+
+def served_files(files: Sequence[dict[str, Any]], also: Sequence[str]) -> list[ServedFile]:
+    """What the core serves for these file specs: each one's input, its `paired` input and `also`, and its output."""
+    return [ServedFile(f["path"], f["output"], (*([f["paired"]] if "paired" in f else []), *also)) for f in files]
 
 
 def start_file_server(broker: str, workers: Collection[str] | None, output_dir: Path, mode: str,

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,7 +25,7 @@ import zmq
 from broker.protocol import ProtocolError
 from broker.security import Credentials
 from virnucpro import scratch
-from virnucpro.backends.interface import Backend, Cancelled
+from virnucpro.backends.interface import Backend, Cancelled, PairBackend
 from virnucpro.scratch import Scratch
 from virnucpro.stages import is_complete
 from virnucpro.transfer import wire
@@ -165,11 +166,12 @@ def _perform(instruction: WorkerInstruction, channel: Channel, fd: int) -> None:
 
 
 def fetch(channel: Channel, token: str, task: str, output: str, destination: Path,
-          should_stop: Callable[[], bool]) -> bool:
-    """Download the task's input to `destination` (a new file); True if the client's output is already complete."""
+          should_stop: Callable[[], bool], input: int = 0) -> bool:
+    """Download the task's input (`input`: a further one) to `destination` (a new file); True if the client's
+    output is already complete."""
     fd = os.open(destination, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        outcome = drive(Download(token, task, output), channel, fd, should_stop)
+        outcome = drive(Download(token, task, output, input=input), channel, fd, should_stop)
     finally:
         os.close(fd)
     assert isinstance(outcome, Fetched)
@@ -200,7 +202,7 @@ def sweep_task_directories() -> list[Path]:
     return scratch.sweep(Path(tempfile.gettempdir()))
 
 
-def run_remote(assignment: dict[str, Any], output_name: str, backend: Backend, should_stop: Callable[[], bool],
+def run_remote(assignment: dict[str, Any], output_name: str, backend: Backend | PairBackend, should_stop: Callable[[], bool],
                keys: Credentials | None) -> dict[str, Any]:
     """Fetch, run and return one task's files (on the task thread); the fields of its `done` message.
 
@@ -224,8 +226,12 @@ def run_remote(assignment: dict[str, Any], output_name: str, backend: Backend, s
             if fetch(channel, token, task, output_name, local_input, should_stop):
                 logger.info("%s: output already complete on the client, skipped", output_name)
                 return {"seconds": 0.0, "sequences": 0, "residues": 0, "skipped": True}
+            if isinstance(backend, PairBackend):
+                run = fetch_pair(assignment, output_name, backend, channel, private, should_stop)
+            else:
+                run = partial(backend.run, local_input, local_output, should_stop)
             fetched = time.monotonic()
-            sequences, residues = backend.run(local_input, local_output, should_stop)
+            sequences, residues = run()
             ran = time.monotonic()
             if not is_complete(local_output):
                 raise TransferError(f"{output_name}: the {assignment['stage']} stage wrote no complete output")
@@ -239,3 +245,29 @@ def run_remote(assignment: dict[str, Any], output_name: str, backend: Backend, s
         channel.close()
     return {"seconds": ran - fetched, "sequences": sequences, "residues": residues, "skipped": False}
 
+
+def fetch_pair(assignment: dict[str, Any], output_name: str, backend: PairBackend, channel: Channel, private: Path,
+               should_stop: Callable[[], bool]) -> Callable[[], tuple[int, int]]:
+    """Fetch a classify task's further inputs into `private`; what runs it on the local copies.
+
+    Its file (the DNABERT-S features) is in private/input already; input 1 is
+    the ESM-2 features, input 2 the classifier, fetched only if the backend
+    has not loaded that classifier yet. Each download gets a fresh
+    connection, so that no late reply to the one before can reach it.
+    """
+    token, task = assignment["transfer"]["token"], assignment["task"]
+    classifier = dict(assignment["classifier"])
+    local_paired = private / "paired" / _local_name(assignment["paired"])
+    local_paired.parent.mkdir()
+    channel.reconnect()
+    fetch(channel, token, task, output_name, local_paired, should_stop, input=1)
+    if not backend.knows(classifier["sha256"]):
+        local_classifier = private / "classifier" / _local_name(classifier["path"])
+        local_classifier.parent.mkdir()
+        channel.reconnect()
+        fetch(channel, token, task, output_name, local_classifier, should_stop, input=2)
+        classifier["path"] = str(local_classifier)
+    local_input = private / "input" / _local_name(assignment["path"])
+    local_output = private / "output" / output_name
+
+    return partial(backend.run_pair, local_input, local_paired, classifier, local_output, should_stop)

@@ -55,8 +55,10 @@ def chunk_size(value: Any) -> None:
 
 # worker -> file server. `output` is the output's file name as the worker's assignment gives it.
 REQUESTS: dict[str, dict[str, Check]] = {
-    "stat": {"token": fields.text, "task": fields.text, "output": fields.text},
-    "get": {"token": fields.text, "task": fields.text, "offset": fields.count, "size": chunk_size},
+    # `input`: which of the task's inputs, 0 (its file, the default) or a further one (a classify task's 1 and 2).
+    "stat": {"token": fields.text, "task": fields.text, "output": fields.text, "input?": fields.count},
+    "get": {"token": fields.text, "task": fields.text, "offset": fields.count, "size": chunk_size,
+            "input?": fields.count},
     "put": {"token": fields.text, "task": fields.text, "output": fields.text, "size": fields.count,
             "sha256": sha256_hex},
     "chunk": {"token": fields.text, "task": fields.text, "offset": fields.count},

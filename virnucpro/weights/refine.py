@@ -47,6 +47,7 @@ from typing import Literal
 
 import numpy as np
 
+from broker.protocol import UNTIMED_STAGES
 from broker.records import TaskDone
 from virnucpro.atomic import write_text_atomically
 from virnucpro.pipeline.gpu_weights import WeightTable, name_tokens
@@ -208,7 +209,8 @@ def refine_weights(
     """Fit one weight per GPU model to the speed ratios of every job in `log`.
 
     `stage` keeps only that stage's jobs; "all" keeps every stage, synthetic
-    included. Models never observed beside another model keep their current
+    included, except classify, whose files run on the workers' CPUs and say
+    nothing of their GPUs. Models never observed beside another model keep their current
     weight. See the module docstring for the fit, the scale and the spread.
     """
     if stage not in STAGES:
@@ -216,7 +218,7 @@ def refine_weights(
     jobs: dict[str, dict[str, _Pool]] = defaultdict(lambda: defaultdict(_Pool))
     other_stage: set[str] = set()
     for task in log.tasks:
-        if stage != "all" and task.stage != stage:
+        if task.stage in UNTIMED_STAGES or stage != "all" and task.stage != stage:
             other_stage.add(task.job)
             continue
         jobs[task.job][_model_key(current, task.gpu)].add(task)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from virnucpro.backends.interface import Backend
+from virnucpro.backends.interface import Backend, PairBackend
+from virnucpro.stages import MODEL_STAGES
 
 # `virnucpro worker` exits with this (sysexits' EX_CONFIG) when it cannot start, so that whoever
 # restarts workers (virnucpro.worker.supervisor) knows that starting it again would fail the same way.
@@ -25,7 +26,7 @@ class WorkerConfig:
     gpu_name: str | None = None
     synthetic_speed: float | None = None
     synthetic_change: tuple[float, float] | None = None  # (seconds after the first file starts, new speed)
-    stages: tuple[str, ...] = ("dnabert", "esm")
+    stages: tuple[str, ...] = MODEL_STAGES
     models: str = "virnucpro"
     dnabert_model: str | None = None
     esm_model: str | None = None
@@ -49,7 +50,7 @@ def device_name(config: WorkerConfig) -> str:
     return "cpu"
 
 
-def open_backends(config: WorkerConfig) -> dict[str, Backend]:
+def open_backends(config: WorkerConfig) -> dict[str, Backend | PairBackend]:
     """Load every backend this worker serves; WorkerSetupError says why one cannot load."""
     if config.synthetic_speed is not None:
         from virnucpro.backends.synthetic import SyntheticBackend

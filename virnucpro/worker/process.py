@@ -27,7 +27,7 @@ import zmq
 from broker import protocol
 from broker.protocol import ErrorCode, ProtocolError
 from broker.security import Credentials
-from virnucpro.backends.interface import Backend, Cancelled
+from virnucpro.backends.interface import Backend, Cancelled, PairBackend
 from virnucpro.scratch import WORK, Scratch
 from virnucpro.stages import is_complete, task_output
 from virnucpro.transfer.remote import run_remote, sees_client_files, sweep_task_directories
@@ -64,7 +64,7 @@ class WorkerRefused(WorkerSetupError):
 class Worker:
     """The worker's socket loop; `run` returns once `stop` is called."""
 
-    def __init__(self, config: WorkerConfig, backends: dict[str, Backend], keys: Credentials | None) -> None:
+    def __init__(self, config: WorkerConfig, backends: dict[str, Backend | PairBackend], keys: Credentials | None) -> None:
         """`keys`: how it connects to the broker and to clients' file servers (None: --insecure)."""
         self.config = config
         self.backends = backends
@@ -211,7 +211,13 @@ class Worker:
         transfer = assignment.get("transfer")
         if transfer is not None and not sees_client_files(transfer):
             return run_remote(assignment, output.name, backend, cancel.is_set, self.credentials)
-        if is_complete(output):
+        classifier = assignment.get("classifier")
+
+        def complete(path: Path) -> bool:
+            # A per-pair predictions file counts only if this job's classifier made it.
+            return is_complete(path, classifier["sha256"] if classifier is not None else None)
+
+        if complete(output):
             logger.info("%s: output already complete, skipped", output)
             return {"seconds": 0.0, "sequences": 0, "residues": 0, "skipped": True}
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -220,9 +226,15 @@ class Worker:
         with Scratch(output.parent, WORK) as scratch:
             temporary = scratch.path / output.name
             started = time.monotonic()
-            sequences, residues = backend.run(Path(assignment["path"]), temporary, cancel.is_set)
+            if isinstance(backend, PairBackend):
+                if "paired" not in assignment or classifier is None:
+                    raise ValueError(f"a {backend.stage} task needs its paired input and the job's classifier")
+                sequences, residues = backend.run_pair(Path(assignment["path"]), Path(assignment["paired"]),
+                                                       classifier, temporary, cancel.is_set)
+            else:
+                sequences, residues = backend.run(Path(assignment["path"]), temporary, cancel.is_set)
             seconds = time.monotonic() - started
-            first = publish(temporary, output)
+            first = publish(temporary, output, complete)
         logger.info("%s -> %s: %d sequences in %.2f s%s", assignment["path"], output.name, sequences, seconds,
                     "" if first else " (another copy was published first)")
         return {"seconds": seconds, "sequences": sequences, "residues": residues, "skipped": False}

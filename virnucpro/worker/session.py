@@ -28,6 +28,8 @@ DEFAULT_HEARTBEAT_INTERVAL = 1.0
 # Longest failure reason reported (the protocol allows 4096 characters).
 MAX_REASON = 2000
 REVOKED = "revoked by the broker"
+# What a task takes from its `assign` message; the last three come only with some.
+ASSIGNMENT_FIELDS = ("task", "job", "stage", "path", "output_dir", "output", "transfer", "paired", "classifier")
 
 # ----------------------------------------------------------------- events
 
@@ -120,7 +122,11 @@ class SendHeartbeat:
 
 @dataclass(frozen=True)
 class StartTask:
-    """Run the file of an `assign` message (its fields task, job, stage, path, output, transfer?) on the task thread."""
+    """Run the file of an `assign` message on the task thread.
+
+    Its fields: task, job, stage, path, output, perhaps transfer, and for a
+    classify task also paired and classifier.
+    """
 
     assignment: dict[str, Any]
 
@@ -265,9 +271,9 @@ class WorkerSession:
         if kind == "assign":
             if self.running is not None:
                 return [Log(logging.WARNING, f"broker sent {message['task']} while {self.task} runs; ignored")]
-            # "transfer", when present, says how to fetch the input and return the output (virnucpro.transfer).
-            self.running = {k: message[k] for k in ("task", "job", "stage", "path", "output_dir", "output", "transfer")
-                            if k in message}
+            # "transfer", when present, says how to fetch the input and return the output (virnucpro.transfer);
+            # "paired" and "classifier" come with a classify task only.
+            self.running = {k: message[k] for k in ASSIGNMENT_FIELDS if k in message}
             return [StartTask(dict(self.running))]
         if kind == "revoke":
             if message["task"] != self.task:
