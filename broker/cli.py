@@ -15,7 +15,7 @@ from rich.live import Live
 from broker import protocol
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable, broker_address
 from broker.scheduler import Scheduler
-from broker.security import SecurityError, create_keys
+from broker.security import INSECURE_WARNING, SecurityError, admission, create_keys, user_key_directory
 from broker.server import BrokerServer, ThroughputLog, default_log_path
 from broker.status import render_status, status_view
 from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
@@ -48,27 +48,43 @@ from virnucpro.pipeline.gpu_weights import WeightFileError, load_weight_table
 @click.option("--max-queued-tasks", type=click.IntRange(min=1), default=1_000_000, show_default=True, metavar="N",
               help="Unfinished files of running jobs the broker holds at most; a submission or chunk past it gets an error.")
 @click.option("--curve-secret", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The broker's secret certificate (NAME.key_secret): encrypt all traffic with CURVE.")
+              help="The broker's secret certificate (NAME.key_secret), instead of your own key; then only the "
+                   "keys in the --allowed-* directories are admitted.")
 @click.option("--allowed-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the public certificates (*.key) of workers and clients allowed in.")
+              help="Directory of public certificates (*.key) admitted both as workers and as clients.")
+@click.option("--allowed-workers", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of public certificates (*.key) admitted as workers only.")
+@click.option("--allowed-clients", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of public certificates (*.key) admitted as clients only.")
+@click.option("--insecure", is_flag=True,
+              help="Neither encrypt nor authenticate: anyone who reaches ADDR may submit jobs and serve them.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every dropped message.")
 @click.pass_context
 def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_weights: Path | None,
         heartbeat_interval: float, worker_timeout: float, max_attempts: int, max_deaths: int,
         task_timeout: float | None, forget_after: float, max_queued_tasks: int, curve_secret: Path | None,
-        allowed_keys: Path | None, verbose: bool) -> None:
+        allowed_keys: Path | None, allowed_workers: Path | None, allowed_clients: Path | None, insecure: bool,
+        verbose: bool) -> None:
     """Run the virnucpro broker: it seeds GPU workers' queues by weight and lets idle ones steal.
 
     Workers (`virnucpro worker --broker ADDR`) and clients (`virnucpro embed`,
-    `virnucpro predict --broker ADDR`) connect to ADDR.
+    `virnucpro predict --broker ADDR`) connect to ADDR. With no key options
+    the traffic is encrypted (CURVE) with your own key pair, kept in your
+    private state directory and made on first use, and only your own
+    processes are admitted: nothing to configure on one machine, or on
+    machines that share your home directory. Across machines, see
+    `virnucpro-broker keys --help`.
     """
     if ctx.invoked_subcommand is not None:
         return
     if task_timeout is not None and task_timeout <= 2 * heartbeat_interval:
         raise click.UsageError(f"--task-timeout must exceed two heartbeat intervals ({2 * heartbeat_interval:g} s): "
                                "progress is seen only at heartbeats")
-    if (curve_secret is None) != (allowed_keys is None):
-        raise click.UsageError("--curve-secret and --allowed-keys go together")
+    key_options = {"--curve-secret": curve_secret, "--allowed-keys": allowed_keys,
+                   "--allowed-workers": allowed_workers, "--allowed-clients": allowed_clients}
+    if insecure and any(key_options.values()):
+        given = ", ".join(name for name, value in key_options.items() if value)
+        raise click.UsageError(f"--insecure admits everyone: drop it, or drop {given}")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -81,20 +97,25 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
     except OSError as exc:
         raise click.ClickException(f"{log_path}: cannot open the throughput log ({exc.strerror})") from None
     address = broker_address(bind)
-    curve = (curve_secret, allowed_keys) if curve_secret and allowed_keys else None
     try:
+        admitted = None if insecure else admission(curve_secret, allowed_keys, allowed_workers, allowed_clients)
         scheduler = Scheduler(worker_timeout=worker_timeout, max_attempts=max_attempts, max_deaths=max_deaths,
                               task_timeout=task_timeout, forget_after=forget_after, max_queued_tasks=max_queued_tasks)
-        server = BrokerServer(address, scheduler, weights, log, heartbeat_interval=heartbeat_interval, curve=curve)
+        server = BrokerServer(address, scheduler, weights, log, heartbeat_interval=heartbeat_interval,
+                              admission=admitted)
     except SecurityError as exc:
         log.close()
         raise click.ClickException(str(exc)) from None
     except Exception as exc:  # zmq raises ZMQError for a bad or busy address
         log.close()
         raise click.ClickException(f"cannot listen on {address}: {exc}") from None
-    if curve is None and not is_loopback(address):
-        click.echo(f"warning: {address} is reachable from other machines and traffic is not encrypted; "
-                   "use --curve-secret and --allowed-keys (see `virnucpro-broker keys --help`)", err=True)
+    if admitted is None:
+        reach = server.address if is_loopback(address) else f"{server.address} (from other machines too)"
+        click.echo("warning: " + INSECURE_WARNING.format(address=reach, what="submit jobs that read and write "
+                   "files as this user, and register as a worker to receive every job's files"), err=True)
+    elif curve_secret is None:
+        click.echo(f"admitting only your own key ({user_key_directory()})"
+                   + (", and the keys in the --allowed-* directories" if any(key_options.values()) else ""), err=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -110,9 +131,11 @@ def cli(ctx: click.Context, bind: str | None, throughput_log: Path | None, gpu_w
 def keys(directory: Path, name: str) -> None:
     """Make a CURVE key pair DIRECTORY/NAME.key (public) and NAME.key_secret (keep private).
 
-    Make one for the broker and one per worker or client machine. The broker
-    gets --curve-secret broker.key_secret and --allowed-keys DIR holding every
-    machine's NAME.key; each worker and client sets
+    Needed only across machines that do not share your home directory. Make
+    one for the broker and one per worker or client machine. The broker gets
+    --curve-secret broker.key_secret and the machines' NAME.key files in
+    --allowed-workers DIR (workers only), --allowed-clients DIR (clients
+    only) or --allowed-keys DIR (both); each worker and client sets
     VIRNUCPRO_CURVE_SECRET=NAME.key_secret and VIRNUCPRO_CURVE_SERVER_KEY=broker.key.
     """
     public, secret = create_keys(directory, name)
@@ -128,14 +151,20 @@ def keys(directory: Path, name: str) -> None:
 @click.option("--watch", is_flag=True, help="Keep the tables on screen, refreshed, until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=1.5, show_default=True,
               help="Seconds between refreshes with --watch.")
+@click.option("--insecure", is_flag=True, help="Talk in the clear, to a broker started with --insecure.")
 @click.option("--all", "every", is_flag=True,
               help="List every worker and job the broker keeps, a page at a time [default: the living workers "
                    "and most recent jobs, 50 of each, and summaries].")
-def status(address: str | None, as_json: bool, timeout: float, watch: bool, interval: float, every: bool) -> None:
-    """Show the workers, queues, jobs and counters of a running broker."""
+def status(address: str | None, as_json: bool, timeout: float, watch: bool, interval: float, insecure: bool,
+           every: bool) -> None:
+    """Show the workers, queues, jobs and counters of a running broker.
+
+    Every job is listed; file paths and reports only of the jobs submitted
+    with this process's key (all of them on an --insecure broker).
+    """
     address = broker_address(address)
     try:
-        with BrokerClient(address, timeout=timeout) as client:
+        with BrokerClient(address, timeout=timeout, insecure=insecure) as client:
             snapshot = all_pages(client) if every else client.request("status")["status"]
             if watch:
                 with Live(status_view(snapshot), refresh_per_second=4, screen=False) as live:

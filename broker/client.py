@@ -11,7 +11,12 @@ import zmq
 
 from broker import protocol
 from broker.protocol import ErrorCode, ProtocolError
-from broker.security import secure_client
+from broker.security import Credentials, credentials
+
+# Said with every "no answer": a broker that does not admit this process's key cannot answer it at all.
+NOT_ADMITTED_HINT = ("a broker that does not admit this process's key does not answer either: it must run as "
+                     "this user with no key options, or admit the key in $VIRNUCPRO_CURVE_SECRET (whose "
+                     "broker key is $VIRNUCPRO_CURVE_SERVER_KEY); --insecure only talks to an --insecure broker")
 
 
 class BrokerUnreachable(RuntimeError):
@@ -37,26 +42,37 @@ def broker_address(address: str | None = None) -> str:
 class BrokerClient:
     """One DEALER socket, one request in flight at a time."""
 
-    def __init__(self, address: str, timeout: float = 5.0, curve: bool = True) -> None:
+    def __init__(self, address: str, timeout: float = 5.0, *, insecure: bool = False,
+                 environment_keys: bool = True) -> None:
+        """`insecure`: connect in the clear (to an --insecure broker); `environment_keys`: use the keys named in
+        $VIRNUCPRO_CURVE_SECRET and $VIRNUCPRO_CURVE_SERVER_KEY when set (otherwise the user's own)."""
         self.address = address
         self.timeout = timeout
-        self.curve = curve  # take CURVE keys from the environment, if set there
+        self.insecure = insecure
+        self.environment_keys = environment_keys
         self._context: zmq.Context = zmq.Context.instance()
         self._socket: zmq.Socket | None = None
-        self._encrypted = False
+        self._credentials: Credentials | None = None
 
     @property
-    def encrypted(self) -> bool:
-        """Whether the connection to the broker is encrypted (CURVE); a job's file transfers follow it."""
+    def credentials(self) -> Credentials | None:
+        """The keys this client connects with (None: --insecure); a job's file transfers use them too.
+
+        SecurityError if the keys cannot be used.
+        """
         self._connect()
-        return self._encrypted
+        return self._credentials
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
-            self._socket = self._context.socket(zmq.DEALER)
-            self._socket.setsockopt(zmq.LINGER, 0)
-            self._encrypted = secure_client(self._socket) if self.curve else False
-            self._socket.connect(self.address)
+            if self._credentials is None and not self.insecure:
+                self._credentials = credentials(environment=self.environment_keys)
+            socket = self._context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            if self._credentials is not None:
+                self._credentials.apply(socket)
+            socket.connect(self.address)
+            self._socket = socket
         return self._socket
 
     def _reset(self) -> None:
@@ -74,7 +90,8 @@ class BrokerClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not socket.poll(math.ceil(remaining * 1000)):
                 self._reset()
-                raise BrokerUnreachable(f"no answer from the broker at {self.address} within {self.timeout:g} s")
+                raise BrokerUnreachable(f"no answer from the broker at {self.address} within {self.timeout:g} s; "
+                                        f"{NOT_ADMITTED_HINT}")
             try:
                 reply = protocol.decode(socket.recv())
             except ProtocolError:
@@ -93,7 +110,7 @@ class BrokerClient:
                 if time.monotonic() >= deadline:
                     raise BrokerUnreachable(
                         f"no broker answered at {self.address} within {timeout:g} s; start one with "
-                        f"`virnucpro-broker --bind {self.address}` or pass --broker ADDR"
+                        f"`virnucpro-broker --bind {self.address}` or pass --broker ADDR; {NOT_ADMITTED_HINT}"
                     ) from None
 
     def close(self) -> None:

@@ -58,6 +58,9 @@ class ErrorCode(str, Enum):
     REJECTED_JOB = "rejected_job"
     INVALID_MESSAGE = "invalid_message"  # the request was not a well-formed message of this protocol version
     REFUSED = "refused"  # the broker is at a limit (queued tasks): the same request may succeed later
+    # The sender's key may not make this request: a worker's key asking as a client or the reverse, or a
+    # client asking about a job another key submitted.
+    FORBIDDEN = "forbidden"
 
 
 STAGE = fields.one_of(STAGES)
@@ -78,6 +81,11 @@ TRANSFER = fields.optional(fields.exact_map({
     "address": fields.text, "token": fields.text, "server_key": fields.optional(fields.text),
     "marker": fields.optional(fields.text), "marker_sha256": fields.optional(fields.text),
 }))
+
+# What each role may send: a key admitted only as a worker gets a `forbidden` error for a client's request,
+# and the reverse.
+WORKER_REQUESTS = frozenset({"register", "request", "heartbeat", "done", "failed", "bye"})
+CLIENT_REQUESTS = frozenset({"submit", "add", "seal", "job", "cancel", "status", "keys"})
 
 # Field checks per message type; a field whose name ends in "?" may be absent.
 SCHEMAS: dict[str, dict[str, Check]] = {
@@ -104,11 +112,14 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "job": {"job": fields.text},
     "cancel": {"job": fields.text},
     "status": {"page?": fields.count},  # page: 0 (the default) holds the most recent workers and jobs
+    "keys": {},  # the workers' public keys, which the client's file server admits (virnucpro.transfer)
     # broker -> worker
     "registered": {"worker": fields.text, "name": fields.text, "weight": fields.positive,
                    "heartbeat_interval": fields.positive},
-    "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output": fields.text,
-               "transfer?": TRANSFER, "paired?": fields.text, "classifier?": CLASSIFIER},
+    # The worker derives the output's path from `output_dir`, `stage` and `path`, and refuses a task whose
+    # `output` says otherwise.
+    "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output_dir": fields.text,
+               "output": fields.text, "transfer?": TRANSFER, "paired?": fields.text, "classifier?": CLASSIFIER},
     # abandon: the task showed no progress for the task timeout; a worker that cannot stop it restarts itself.
     "revoke": {"task": fields.text, "abandon?": fields.flag},
     "reregister": {},
@@ -119,6 +130,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "job_state": {"job": fields.text, "state": fields.text, "progress": fields.any_map,
                   "report?": fields.optional(fields.any_map)},
     "status_report": {"status": fields.any_map},
+    "worker_keys": {"keys": fields.list_of(fields.text, most=MAX_FILES, least=0)},
     "error": {"code": fields.one_of([code.value for code in ErrorCode]), "reason": fields.text},
 }
 

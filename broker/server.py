@@ -6,6 +6,12 @@ and performs the instructions that come back. Nothing here decides policy.
 The core runs on time.monotonic(), so leases and ages hold when the wall
 clock is stepped; times people read (the throughput log's `time`, a job's
 `submitted` and `finished`) become Unix seconds here, as they leave.
+
+Admission is checked here too (broker.security): every message of a CURVE
+peer carries its key, a request outside the key's role is answered with a
+`forbidden` error, and a job is read or cancelled only with the key that
+submitted it. What a client sees of other keys' jobs: their id, stage,
+state and counts in `status`, never their file paths or reports.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 import zmq
 
-from broker import protocol
+from broker import paths, protocol
 from broker.events import (
     Assign,
     FilesAdded,
@@ -50,7 +56,7 @@ from broker.protocol import ErrorCode, ProtocolError
 from broker.records import LogRecord
 from broker.reports import job_progress
 from broker.scheduler import Scheduler
-from broker.security import secure_server
+from broker.security import Admission, sender_key, serve_securely, state_directory
 from virnucpro.pipeline.gpu_weights import WeightTable
 
 logger = logging.getLogger("virnucpro.broker")
@@ -63,8 +69,7 @@ MAX_REASON = 500
 
 def default_log_path() -> Path:
     """Per-user state path of the throughput log ($XDG_STATE_HOME or ~/.local/state)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "virnucpro" / "throughput.jsonl"
+    return state_directory() / "throughput.jsonl"
 
 
 class ThroughputLog:
@@ -72,7 +77,7 @@ class ThroughputLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # file paths are nobody else's business
         self._handle = open(path, "a", encoding="utf-8")
 
     def append(self, record: LogRecord) -> None:
@@ -97,8 +102,9 @@ class BrokerServer:
         log: ThroughputLog,
         heartbeat_interval: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
-        curve: tuple[Path, Path] | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        """`admission`: the keys admitted per role (CURVE); None serves everyone in the clear (--insecure)."""
         self.scheduler = scheduler
         self.weights = weights
         self.log = log
@@ -109,15 +115,24 @@ class BrokerServer:
         # Per open job, what its workers get with each assignment beside the file: how they reach the client's
         # file server (`transfer`) and a classify job's classifier. Passed on, never used here.
         self.job_extras: dict[str, dict[str, Any]] = {}
+        self.admission = admission
+        # The key that submitted each job the core still knows; only that key may read or cancel it.
+        self.submitters: dict[str, str | None] = {}
+        self._sender: str | None = None  # the key of the message being handled (None: --insecure)
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # Far above the protocol's own limit: such a peer is cut off by ZeroMQ before we allocate.
         self._socket.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)
-        # (secret certificate, directory of allowed public keys): encrypt and admit only those keys.
-        self._authenticator = secure_server(self._context, self._socket, *curve) if curve else None
-        self._socket.bind(bind)
+        # The authenticator runs before the socket listens: no peer ever connects unchecked.
+        self._authenticator = None if admission is None else serve_securely(
+            self._context, self._socket, admission.keys, admission.workers | admission.clients)
+        try:
+            self._socket.bind(bind)
+        except zmq.ZMQError:
+            self._close()
+            raise
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def serve(self, stop: threading.Event) -> None:
@@ -134,30 +149,33 @@ class BrokerServer:
                     next_tick = time.monotonic() + self.heartbeat_interval
                     self._perform(self.scheduler.handle(Tick(time.monotonic())))
         finally:
-            self._socket.close(0)
-            if self._authenticator is not None:
-                self._authenticator.stop()
-            self._context.term()
+            self._close()
             self.log.close()
+
+    def _close(self) -> None:
+        self._socket.close(0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._context.term()
 
     def _drain(self) -> None:
         for _ in range(1000):  # bounded, so the timer still runs under a flood
             try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._receive(frames)
 
-    def _receive(self, frames: list[bytes]) -> None:
+    def _receive(self, frames: list[zmq.Frame]) -> None:
         # The first frame is always the sender's identity (ROUTER adds it), so every refusal can be answered.
         if len(frames) != 2:
             self.scheduler.count("malformed frames")
-            self._refuse(frames[0], ErrorCode.INVALID_MESSAGE,
+            self._refuse(frames[0].bytes, ErrorCode.INVALID_MESSAGE,
                          f"expected one frame per message, got {len(frames) - 1}")
             return
-        identity, payload = frames
+        identity, payload = frames[0].bytes, frames[1]
         try:
-            message = protocol.decode(payload)
+            message = protocol.decode(payload.bytes)
         except ProtocolError as exc:
             self.scheduler.count("invalid message")
             logger.debug("dropped message from %s: %s", identity.hex(), exc)
@@ -169,6 +187,14 @@ class BrokerServer:
             self._refuse(identity, ErrorCode.INVALID_MESSAGE,
                          f"a {message['type']!r} message is sent by the broker, never to it")
             return
+        if self.admission is not None:
+            self._sender = sender_key(payload)
+            role = "worker" if message["type"] in protocol.WORKER_REQUESTS else "client"
+            if not self.admission.admits(self._sender, role):
+                self._forbid(identity, f"the key {self._sender} is not admitted as a {role}, so it cannot send "
+                                       f"{message['type']!r}; give this {role} a key from the broker's "
+                                       f"--allowed-{role}s or --allowed-keys")
+                return
         started = time.monotonic()
         handler(self, identity, message)
         busy = time.monotonic() - started
@@ -229,10 +255,13 @@ class BrokerServer:
             job, m["stage"], m["output_dir"], file_specs(m["files"]), m["weighted"], m["steal"], time.monotonic(),
             m.get("backup", True), sealed=not m.get("open", False),
         ))
+        self.submitters[job] = self._sender
         self._send(identity, "submitted", job=job)
         self._perform(instructions)
 
     def _add(self, identity: bytes, m: dict[str, Any]) -> None:
+        if not self._may_touch(identity, m["job"]):
+            return
         job = self.scheduler.jobs.get(m["job"])
         problem = check_paths(job.output_dir, m["files"]) if job is not None else None
         if problem:
@@ -244,6 +273,8 @@ class BrokerServer:
         self._perform(instructions)
 
     def _seal(self, identity: bytes, m: dict[str, Any]) -> None:
+        if not self._may_touch(identity, m["job"]):
+            return
         instructions = self.scheduler.handle(JobSealed(m["job"], m["files"], time.monotonic()))
         self._perform(instructions)
         if not self._refused(identity, instructions):
@@ -263,11 +294,13 @@ class BrokerServer:
         return False
 
     def _job(self, identity: bytes, m: dict[str, Any]) -> None:
-        self._send_job_state(identity, m["job"])
+        if self._may_touch(identity, m["job"]):
+            self._send_job_state(identity, m["job"])
 
     def _cancel(self, identity: bytes, m: dict[str, Any]) -> None:
-        self._perform(self.scheduler.handle(JobCancelled(m["job"], time.monotonic())))
-        self._send_job_state(identity, m["job"])
+        if self._may_touch(identity, m["job"]):
+            self._perform(self.scheduler.handle(JobCancelled(m["job"], time.monotonic())))
+            self._send_job_state(identity, m["job"])
 
     def _status(self, identity: bytes, m: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -275,14 +308,42 @@ class BrokerServer:
         offset = self._unix_offset()
         for job in status["jobs"]:
             job["submitted"] += offset
+        if self.admission is not None:
+            self._hide_others(status)
         status["broker"] = {"address": self.address, "log": str(self.log.path), "uptime": now - self.started}
         self._send(identity, "status_report", status=status)
+
+    def _keys(self, identity: bytes, m: dict[str, Any]) -> None:
+        workers = sorted(self.admission.workers) if self.admission is not None else []
+        self._send(identity, "worker_keys", keys=workers)
 
     _handlers: dict[str, Callable[[BrokerServer, bytes, dict[str, Any]], None]] = {
         "register": _register, "request": _request, "heartbeat": _heartbeat, "done": _done,
         "failed": _failed, "bye": _bye, "submit": _submit, "add": _add, "seal": _seal, "job": _job,
-        "cancel": _cancel, "status": _status,
+        "cancel": _cancel, "status": _status, "keys": _keys,
     }
+
+    # -------------------------------------------------------- admission
+
+    def _forbid(self, identity: bytes, reason: str) -> None:
+        self.scheduler.count("forbidden request")
+        self._send(identity, "error", code=ErrorCode.FORBIDDEN.value, reason=reason)
+
+    def _may_touch(self, identity: bytes, job: str) -> bool:
+        """True if the sender may read, feed, seal or cancel `job`; otherwise answer `forbidden` (an unknown job
+        passes)."""
+        if self.admission is None or job not in self.submitters or self.submitters[job] == self._sender:
+            return True
+        self._forbid(identity, f"job {job} was submitted with another key; only that key may read, add to, seal or cancel it")
+        return False
+
+    def _hide_others(self, status: dict[str, Any]) -> None:
+        """Mark the sender's own jobs, and drop the file paths of every other key's."""
+        for job in status["jobs"]:
+            job["yours"] = self.submitters.get(job["job"]) == self._sender
+        for worker in status["workers"]:
+            if worker["running_job"] is not None and self.submitters.get(worker["running_job"]) != self._sender:
+                worker["running"] = None
 
     # ----------------------------------------------------------- output
 
@@ -314,7 +375,9 @@ class BrokerServer:
                 if instruction.paired is not None:
                     extra["paired"] = instruction.paired
                 self._send(bytes.fromhex(instruction.worker), "assign", task=instruction.task, job=instruction.job,
-                           stage=instruction.stage, path=instruction.path, output=instruction.output, **extra)
+                           stage=instruction.stage, path=instruction.path,
+                           output_dir=self.scheduler.jobs[instruction.job].output_dir, output=instruction.output,
+                           **extra)
             elif isinstance(instruction, Revoke):
                 self._send(bytes.fromhex(instruction.worker), "revoke", task=instruction.task,
                            **({"abandon": True} if instruction.abandon else {}))
@@ -329,6 +392,8 @@ class BrokerServer:
                 }
                 for forgotten in [job for job in self.reports if job not in self.scheduler.jobs]:
                     del self.reports[forgotten]
+                for forgotten in [job for job in self.submitters if job not in self.scheduler.jobs]:
+                    del self.submitters[forgotten]
                 self.job_extras.pop(instruction.job, None)
                 self.log.sync()
                 report = instruction.report
@@ -358,20 +423,20 @@ def check_classifier(stage: str, classifier: dict[str, Any] | None) -> str | Non
 def check_paths(output_dir: str, files: list[dict[str, Any]]) -> str | None:
     """Why a submitted job's paths are unacceptable, or None.
 
-    Paths must be absolute (workers run elsewhere) and every output must lie
-    inside the job's output directory.
+    Paths must be absolute (workers run elsewhere), the output directory one
+    a worker may write in (broker.paths), and every output a file directly in
+    it (the worker derives the name itself, and refuses any other).
     """
-    if not os.path.isabs(output_dir):
-        return f"output directory {output_dir!r} is not an absolute path"
-    root = os.path.normpath(output_dir)
-    # Both normalized: an output lies inside the directory when it starts with the directory and a separator.
-    # (A prefix test, not os.path.commonpath: a job of 100,000 files is checked in a tenth of the time.)
-    inside = root if root.endswith(os.sep) else root + os.sep
+    problem = paths.output_dir_problem(output_dir)
+    if problem:
+        return problem
     for spec in files:
         for path in (spec["path"], spec.get("paired", "/")):
-            if not os.path.isabs(path):
-                return f"input {path!r} is not an absolute path"
-        output = os.path.normpath(spec["output"])
-        if not os.path.isabs(output) or not output.startswith(inside):
-            return f"output {spec['output']!r} is outside the job's output directory {output_dir!r}"
+            problem = paths.input_problem(path)
+            if problem:
+                return problem
+        # Split, not normalized: the name must be a plain name right in the directory, as the worker derives it.
+        directory, name = os.path.split(spec["output"])
+        if directory != output_dir or name in ("", ".", "..") or paths.control_character(name):
+            return f"output {spec['output']!r} is not a file name directly in the job's output directory {output_dir!r}"
     return None

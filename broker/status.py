@@ -27,6 +27,13 @@ def _gauges(gauges: dict[str, float] | None) -> tuple[str, str]:
     )
 
 
+def _running(worker: dict[str, Any]) -> str:
+    """The file name a worker runs; only the job's id when the file belongs to another key's job."""
+    if worker["running"]:
+        return str(worker["running"]).rsplit("/", 1)[-1]
+    return f"(job {worker['running_job']})" if worker.get("running_job") else ""
+
+
 def status_tables(snapshot: dict[str, Any]) -> list[Table]:
     """The workers table, the jobs table and a counters line, ready to print."""
     workers = Table(title="workers", title_justify="left")
@@ -38,13 +45,15 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
         workers.add_row(
             w["worker"], w["gpu"], _weight(w["predicted_weight"]), _weight(w["observed_weight"]),
             "n/a" if w.get("speed") is None else f"{w['speed']:,.0f}", str(w["queue"]),
-            (w["running"] or "").rsplit("/", 1)[-1] + (" (overdue)" if w.get("overdue") else ""), _seconds(w["running_for"]),
+            _running(w) + (" (overdue)" if w.get("overdue") else ""), _seconds(w["running_for"]),
             str(w["files_done"]), f"{w['steals_in']}/{w['steals_out']}", util, memory,
             "alive" if w["alive"] else "dead",
         )
     jobs = Table(title="jobs", title_justify="left")
+    # A broker that authenticates its peers says which jobs the asking key submitted ("yours").
+    submitters = any("yours" in j for j in snapshot["jobs"])
     for column in ("job", "stage", "state", "done", "failed", "running", "files", "steals", "backups won/started",
-                   "wasted", "policy", "finish in"):
+                   "wasted", "policy", "finish in", *(("submitted by",) if submitters else ())):
         jobs.add_column(column)
     for j in snapshot["jobs"]:
         backup = j.get("backup", False) and j["steal"]
@@ -54,7 +63,8 @@ def status_tables(snapshot: dict[str, Any]) -> list[Table]:
         state = j["state"] if j.get("sealed", True) or j["state"] != "running" else "open"
         jobs.add_row(j["job"], j["stage"], state, str(j["done"]), str(j["failed"]), str(j["running"]),
                      str(j["files"]), str(j["steals"]), f"{j.get('backups_won', 0)}/{j.get('backups', 0)}",
-                     f"{j.get('wasted_seconds', 0.0):.1f} s", policy, _seconds(j.get("eta_seconds")))
+                     f"{j.get('wasted_seconds', 0.0):.1f} s", policy, _seconds(j.get("eta_seconds")),
+                     *(("this key" if j.get("yours") else "another key",) if submitters else ()))
     counters = Table(title="dropped or discarded messages", title_justify="left")
     counters.add_column("reason")
     counters.add_column("count", justify="right")

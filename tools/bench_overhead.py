@@ -1,6 +1,7 @@
 """Benchmark: the broker's cost per assignment beside a raw ROUTER/DEALER round trip, and a worker's gap between files.
 
-A real broker process serves 16 in-process workers on loopback. Latency is
+A real broker process serves 16 in-process workers on loopback, encrypted
+and authenticated as by default (CURVE with the user's own key). Latency is
 the time from a worker's `request` to its `assign`, one request at a time
 (each followed by the worker's `done`); throughput is assignments per
 second with all 16 workers asking at once (each `assign` answered with
@@ -31,6 +32,7 @@ import click
 import zmq
 
 from broker import protocol
+from broker.security import Credentials, credentials
 from virnucpro.client.embed import plan_job
 from virnucpro.client.local import LocalCluster, free_loopback_address
 
@@ -44,12 +46,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def connect(context: zmq.Context, address: str, n: int) -> list[zmq.Socket]:
+def connect(context: zmq.Context, address: str, n: int, keys: Credentials | None = None) -> list[zmq.Socket]:
+    """`n` DEALERs on `address`, with `keys` for a broker that admits them (the echo server is plain)."""
     sockets = []
     for i in range(n):
         s = context.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.ROUTING_ID, f"bench-{i:02d}".encode())
+        if keys is not None:
+            keys.apply(s)
         s.connect(address)
         sockets.append(s)
     return sockets
@@ -71,7 +76,7 @@ def measure_broker(seconds: float, root: Path) -> dict[str, float]:
     with LocalCluster(root / "logs") as cluster:
         cluster.start_broker("--throughput-log", str(root / "throughput.jsonl"), "--worker-timeout", "600")
         context: zmq.Context = zmq.Context.instance()
-        workers = connect(context, cluster.address, WORKERS)
+        workers = connect(context, cluster.address, WORKERS, credentials(environment=False))
         with cluster.client(timeout=30) as client:
             client.wait_until_up(30)
             for i, s in enumerate(workers):

@@ -88,11 +88,14 @@ def run(files: int, kills: int, seed: int) -> dict[str, object]:
             reference.run(path, expected)
             if not is_complete(output) or output.read_bytes() != expected.read_bytes():
                 mismatched += 1
-        leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+        # Killed workers leave their scratch (what they were writing); the next job's planning removes it.
+        killed_scratch = len(plan_job("synthetic", inputs, out).swept)
+        leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     return {
         "files": files, "workers": WORKERS, "kills": len(killed), "seconds": round(elapsed, 1),
         "done": report["done"], "failed": report["failed"],
-        "outputs": len(outputs), "wrong_or_missing_outputs": mismatched, "temporary_files_left": len(leftovers),
+        "outputs": len(outputs), "wrong_or_missing_outputs": mismatched,
+        "scratch_swept_by_next_plan": killed_scratch, "temporary_files_left": len(leftovers),
         "task_done_records": len(task_done), "distinct_files_logged": len({r["file"] for r in task_done}),
         "steals": report["steals"],
     }

@@ -38,6 +38,7 @@ from broker import protocol
 from broker.events import Assign, Event, JobSubmitted, WorkerJoined, WorkRequested
 from broker.reports import makespan_lower_bound
 from broker.scheduler import Scheduler
+from broker.security import credentials
 from broker.simulator import STAGE, SimJob, SimWorker, file_specs, simulate
 from virnucpro.client.local import LocalCluster
 from virnucpro.pipeline.gpu_weights import load_weight_table
@@ -115,10 +116,13 @@ class FakeWorkers:
     def __init__(self, address: str, count: int) -> None:
         self.context = zmq.Context()
         self.sockets = []
+        keys = credentials(environment=False)  # the user's own, which the broker started here admits
         for n in range(count):
             socket = self.context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTING_ID, f"fake-{n:04d}".encode())
+            if keys is not None:
+                keys.apply(socket)
             socket.connect(address)
             self.sockets.append(socket)
         self.holding: list[str | None] = [None] * count

@@ -45,7 +45,10 @@ def serve(directory: Path, curve: bool) -> None:
     before = memory()
     out = directory / "out"
     out.mkdir()
-    server = FileServer(out, "tcp://127.0.0.1:*", encrypt=curve, marker=False).start()
+    from broker.security import user_key_pair
+
+    # Encrypted as by default: only the user's own key (the worker's) gets in.
+    server = FileServer(out, "tcp://127.0.0.1:*", [user_key_pair().name] if curve else None, marker=False).start()
     transfer = server.offer([{"path": str(directory / "input.bin"), "output": str(out / "output.bin")}])
     print(json.dumps(transfer), flush=True)
     sys.stdin.read()
@@ -55,10 +58,11 @@ def serve(directory: Path, curve: bool) -> None:
 
 def work(transfer: dict[str, Any], directory: Path) -> None:
     """The worker's side: download the input, upload it back as the output; print the times and memory."""
+    from broker.security import credentials
     from virnucpro.transfer.remote import Channel, fetch, store
 
     before = memory()
-    channel = Channel(transfer)
+    channel = Channel(transfer, credentials(environment=False) if transfer["server_key"] else None)
     local = directory / "output.bin"
     started = time.perf_counter()
     fetch(channel, transfer["token"], "bench:0", local.name, local, lambda: False)
@@ -116,7 +120,7 @@ def measure(size_mb: float, curve: bool) -> dict[str, Any]:
 
 @click.command()
 @click.option("--sizes", default="1,100,1000", show_default=True, help="File sizes in MB, comma-separated.")
-@click.option("--curve", is_flag=True, help="Encrypt the channel (CURVE), as when the broker connection is.")
+@click.option("--curve", is_flag=True, help="Encrypt the channel (CURVE) with your own key, as by default.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures here.")
 @click.option("--serve", "serve_dir", type=click.Path(path_type=Path), default=None, hidden=True)

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from virnucpro.scratch import create_locked
+
 
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w", **open_args: Any) -> Iterator[IO[Any]]:
@@ -16,16 +18,18 @@ def atomic_write(path: str | Path, mode: str = "w", **open_args: Any) -> Iterato
 
     On an error the temporary file is removed and `path` is left as it was.
     The temporary name starts with a dot and ends in .tmp, so no glob for
-    outputs picks it up. `mode` is "w" or "wb"; `open_args` go to open().
+    outputs picks it up. It is created exclusively, never through a link,
+    and locked until renamed, so a sweep (virnucpro.scratch) removes it only
+    if this process was killed. `mode` is "w" or "wb"; `open_args` go to open().
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary, fd = create_locked(lambda: path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"), mode=0o666)
     try:
-        with open(temporary, mode.replace("w", "x"), **open_args) as handle:
+        with open(fd, mode, **open_args) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+            os.replace(temporary, path)  # while still locked: a sweep never sees it unlocked under its name
     finally:
         temporary.unlink(missing_ok=True)
 

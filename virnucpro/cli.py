@@ -31,6 +31,24 @@ TRANSFER_OPTIONS = (
 )
 
 
+insecure_option = click.option(
+    "--insecure", is_flag=True,
+    help="Talk to a broker started with --insecure: in the clear, with no key [default: your own key pair, or "
+         "the keys in $VIRNUCPRO_CURVE_SECRET and $VIRNUCPRO_CURVE_SERVER_KEY].")
+
+
+# What --insecure exposes, as the warning of each command says it.
+WORKER_EXPOSURE = "submit jobs that this worker runs, reading and writing files as your user"
+CLIENT_EXPOSURE = "register as a worker and receive this job's files, or read and cancel the job"
+
+
+def warn_insecure(address: str, what: str) -> None:
+    """The start-up warning of a command run with --insecure."""
+    from broker.security import INSECURE_WARNING
+
+    click.echo("warning: " + INSECURE_WARNING.format(address=address, what=what), err=True)
+
+
 def transfer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(TRANSFER_OPTIONS):
         command = option(command)
@@ -99,11 +117,12 @@ def _speed_change(value: str | None) -> tuple[float, float] | None:
               help=f"Precision of the models' forward pass {PRECISION_DEFAULT}.")
 @click.option("--broker-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="Seconds of broker silence before reconnecting.")
+@insecure_option
 @click.pass_context
 def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int, ...] | str | None,
            gpu_name: str | None, synthetic_speed: float | None, synthetic_change: tuple[float, float] | None,
            name: str | None, stages: tuple[str, ...], models: str, dnabert_model: str | None, esm_model: str | None,
-           precision: str | None, broker_timeout: float) -> None:
+           precision: str | None, broker_timeout: float, insecure: bool) -> None:
     """Run one worker: register with the broker and embed (or classify) the files it is given.
 
     Start one per GPU, or one command per node with --gpus all. Models are
@@ -113,8 +132,12 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
     SIGTERM leaves cleanly: the broker hands the worker's files to the
     others at once. Exit status 78: the worker could not start (a model, a
     package or a key to fix); it is not worth starting again as it is.
+
+    With no key options it uses your own key pair, as a broker of yours with
+    no key options expects; $VIRNUCPRO_CURVE_SECRET and
+    $VIRNUCPRO_CURVE_SERVER_KEY name other keys (several machines).
     """
-    from broker.security import SecurityError
+    from broker.security import SecurityError, credentials
     from virnucpro.worker.config import WorkerConfig, WorkerSetupError, open_backends
     from virnucpro.worker.gpus import GpuDiscoveryError
     from virnucpro.worker.process import Worker
@@ -123,7 +146,8 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
     if gpus is not None:
         if ctx.get_parameter_source("device") is not click.core.ParameterSource.DEFAULT:
             raise click.UsageError("give either --gpus (one worker per GPU) or --device (one worker), not both")
-        forwarded = ["--broker", broker_address(address), "--models", models, "--broker-timeout", str(broker_timeout)]
+        forwarded = ["--broker", broker_address(address), "--models", models, "--broker-timeout", str(broker_timeout),
+                     *(["--insecure"] if insecure else [])]
         change = f"{synthetic_change[0]}:{synthetic_change[1]}" if synthetic_change else None
         for option, value in (("--gpu-name", gpu_name), ("--synthetic-speed", synthetic_speed),
                               ("--synthetic-speed-change", change), ("--dnabert-model", dnabert_model),
@@ -142,18 +166,20 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
         broker=broker_address(address), device=device, name=name, gpu_name=gpu_name,
         synthetic_speed=synthetic_speed, synthetic_change=synthetic_change, stages=stages or MODEL_STAGES,
         models=models, dnabert_model=dnabert_model, esm_model=esm_model, precision=precision,
-        broker_timeout=broker_timeout,
+        broker_timeout=broker_timeout, insecure=insecure,
     )
     try:
-        backends = open_backends(config)
-        process = Worker(config, backends)
-    except WorkerSetupError as exc:
+        keys = credentials(insecure=insecure)  # before the models load: a key to fix is found at once
+        if keys is None:
+            warn_insecure(config.broker, WORKER_EXPOSURE)
+        process = Worker(config, open_backends(config), keys)
+    except (WorkerSetupError, SecurityError) as exc:
         raise _WorkerSetupExit(str(exc)) from None
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: process.stop())
     try:
         process.run()
-    except SecurityError as exc:
+    except WorkerSetupError as exc:
         raise _WorkerSetupExit(str(exc)) from None
 
 
@@ -172,9 +198,10 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
               help="Seconds to wait for the broker and for --min-workers before giving up.")
 @transfer_options
+@insecure_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, steal: bool, backup: bool,
-          min_workers: int, timeout: float, transfer: str, transfer_address: str | None,
+          min_workers: int, timeout: float, transfer: str, transfer_address: str | None, insecure: bool,
           files: tuple[Path, ...]) -> None:
     """Submit FILES as one job of STAGE to the broker and wait for it.
 
@@ -183,9 +210,11 @@ def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, ste
     """
     from virnucpro.client.embed import embed as run_embed
 
+    if insecure:
+        warn_insecure(broker_address(address), CLIENT_EXPOSURE)
     sys.exit(run_embed(broker_address(address), stage, files, output_dir, weighted=weighted, steal=steal,
                        backup=backup, min_workers=min_workers, timeout=timeout, transfer=transfer,
-                       transfer_address=transfer_address))
+                       transfer_address=transfer_address, insecure=insecure))
 
 
 class _UsageErrorExit1(click.UsageError):
@@ -256,12 +285,16 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--keep-features", is_flag=True,
               help="Also keep the merged features of each file pair (OUT/work/merged/output_k_merged.pt).")
 @transfer_options
+@click.option("--insecure", is_flag=True,
+              help="No keys: talk in the clear to a --broker started with --insecure, or start the broker and "
+                   "workers here that way [default: your own key pair, or the keys in $VIRNUCPRO_CURVE_SECRET and "
+                   "$VIRNUCPRO_CURVE_SERVER_KEY for --broker].")
 def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_path: Path | None, models: str,
             dnabert_model: str | None, esm_model: str | None, weighted: bool, steal: bool, backup: bool,
             address: str | None, gpus: tuple[int, ...] | None, workers: int | None, gpu_weights: Path | None,
             throughput_log: Path | None, worker_timeout: float | None, sequences_per_file: int | None,
             resume: bool, timeout: float, rename_duplicates: bool, precision: str | None,
-            keep_features: bool, transfer: str, transfer_address: str | None) -> None:
+            keep_features: bool, transfer: str, transfer_address: str | None, insecure: bool) -> None:
     """Predict which reads of INPUT.fasta are viral: split, embed through the broker, merge, classify.
 
     INPUT.fasta is FASTA or FASTQ (qualities are ignored), plain or gzipped.
@@ -278,6 +311,8 @@ def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_pat
             raise
         raise click.ClickException(f"predict merges and classifies with torch, which is not installed here; "
                                    f"install the models extra: {INSTALL_MODELS}") from None
+    if insecure:
+        warn_insecure(broker_address(address) if address else "the broker started here", CLIENT_EXPOSURE)
 
     sys.exit(run_predict(PredictOptions(
         input_fasta=input_fasta, output_dir=output_dir, expected_length=expected_length, model_path=model_path,
@@ -285,7 +320,7 @@ def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_pat
         backup=backup, broker=address, gpus=gpus, workers=workers, gpu_weights=gpu_weights,
         throughput_log=throughput_log, worker_timeout=worker_timeout, sequences_per_file=sequences_per_file, resume=resume, timeout=timeout,
         rename_duplicates=rename_duplicates, precision=precision, keep_features=keep_features,
-        transfer=transfer, transfer_address=transfer_address,
+        transfer=transfer, transfer_address=transfer_address, insecure=insecure,
     )))
 
 

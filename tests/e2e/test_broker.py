@@ -17,6 +17,7 @@ from rich.console import Console
 from broker.client import BrokerError
 from broker.protocol import ErrorCode
 from broker.records import TaskDone, WorkerSummary
+from broker.security import credentials
 from tests.support.cluster import BROKER, VIRNUCPRO, cluster, free_address, kill_hard
 from tests.support.fasta import write_fasta
 from virnucpro.client.embed import plan_job, run_job
@@ -181,6 +182,9 @@ def test_garbage_on_the_broker_port_is_dropped_and_the_next_job_runs(tmp_path):
         context = zmq.Context.instance()
         dealer = context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        keys = credentials()  # the user's own, which the broker admits: the garbage reaches the decoder
+        assert keys is not None
+        keys.apply(dealer)
         dealer.connect(c.address)
         bad_messages = [
             [b"\xc1\xc1 not msgpack"],

@@ -88,7 +88,7 @@ def worker_alive(client: BrokerClient) -> bool:
 
 def test_a_silent_worker_is_declared_dead_on_time_after_the_wall_clock_steps_back_an_hour(tmp_path):
     wall_clock = SteppableWallClock()
-    with broker_in_thread(tmp_path, wall_clock) as server, BrokerClient(server.address, curve=False) as client:
+    with broker_in_thread(tmp_path, wall_clock) as server, BrokerClient(server.address, insecure=True) as client:
         with raw_worker(server.address):
             silent_since = time.monotonic()
             wall_clock.step_back(HOUR)
@@ -103,7 +103,7 @@ def test_log_and_report_times_follow_the_stepped_wall_clock_and_the_makespan_sta
     wall_clock = SteppableWallClock()
     output_dir = tmp_path / "out"
     spec = {"path": str(tmp_path / "a.fa"), "output": str(output_dir / "a.npy"), "sequences": 10, "residues": 1000}
-    with broker_in_thread(tmp_path, wall_clock) as server, BrokerClient(server.address, curve=False) as client:
+    with broker_in_thread(tmp_path, wall_clock) as server, BrokerClient(server.address, insecure=True) as client:
         with raw_worker(server.address) as worker:
             job = client.request("submit", stage="synthetic", output_dir=str(output_dir), files=[spec],
                                  weighted=False, steal=False)["job"]

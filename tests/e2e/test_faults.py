@@ -13,6 +13,7 @@ import msgpack
 import zmq
 from rich.console import Console
 
+from broker.security import credentials
 from tests.e2e.test_broker import make_inputs
 from tests.support.cluster import BROKER, cluster, kill_hard
 from virnucpro.client.embed import plan_job, run_job
@@ -54,6 +55,9 @@ def request_raw(address: str, frames: list[bytes], timeout: float = 10.0) -> dic
     """Send `frames` from a fresh DEALER and return the decoded reply, or None if none came within `timeout`."""
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
+    keys = credentials()  # the user's own, which the broker admits: what is sent reaches the decoder
+    assert keys is not None
+    keys.apply(dealer)
     try:
         dealer.connect(address)
         dealer.send_multipart(frames)

@@ -28,7 +28,7 @@ def test_a_synthetic_worker_never_loads_torch():
         "from virnucpro.worker.config import WorkerConfig, open_backends\n"
         "from virnucpro.worker.process import Worker\n"
         "config = WorkerConfig(broker='tcp://127.0.0.1:9', synthetic_speed=1000.0)\n"
-        "Worker(config, open_backends(config))\n"
+        "Worker(config, open_backends(config), None)\n"
         "sys.exit('torch' in sys.modules)\n"
     )
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from broker.security import SECRET_ENV, SERVER_KEY_ENV, create_keys
+from broker.security import SECRET_ENV, SERVER_KEY_ENV, create_keys, credentials, user_key_pair
 from tests.support.cluster import cluster
 from tests.support.fasta import write_fasta
 from virnucpro.client.local import Child, LocalCluster
 from virnucpro.processes import command
+from virnucpro.scratch import LOCK_SUFFIX, TASK, UPLOADS
 from virnucpro.stages import output_path
-from virnucpro.transfer.fileserver import MARKER_PREFIX, UPLOAD_PREFIX, FileServer
+from virnucpro.transfer.fileserver import MARKER_PREFIX, FileServer
 from virnucpro.transfer.remote import Channel, TransferError, fetch, store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,11 +93,17 @@ def leftovers(directory: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def models_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A private model cache holding the tiny models, outside any hidden directory, and a private log."""
+    """A private model cache holding the tiny models, outside any hidden directory, and a private log.
+
+    The private state directory holds a copy of this user's key pair, as on machines that share a home
+    directory: the clusters started here (with the user's own state directory) admit these processes.
+    """
     home = tmp_path_factory.mktemp("home")
     from virnucpro.backends.tiny import ensure_tiny_models
 
     ensure_tiny_models(home / "cache" / "virnucpro" / "tiny-models")
+    (home / "state" / "virnucpro").mkdir(mode=0o700, parents=True)
+    shutil.copytree(user_key_pair().source.parent, home / "state" / "virnucpro" / "keys")
     environment = {k: v for k, v in os.environ.items() if k not in ("VIRNUCPRO_BROKER", "VIRNUCPRO_GPU_WEIGHTS")}
     environment.update(XDG_CACHE_HOME=str(home / "cache"), XDG_STATE_HOME=str(home / "state"), COLUMNS="160",
                        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -207,14 +214,14 @@ def test_a_worker_killed_mid_transfer_leaves_no_partial_output_and_another_redoe
         embed = running.start_embed(client_dir / "out", files, "--min-workers", "2")
 
         def holding_big_input() -> list[Path]:
-            return list(tmp_path.glob("tmp-hidden-*/virnucpro-task-*/input/big.fa"))
+            return list(tmp_path.glob(f"tmp-hidden-*/{TASK}*/input/big.fa"))
 
         if phase == "download":
             wait_for(lambda: partial(holding_big_input(), files[0].stat().st_size), 120,
                      "a partial download of big.fa", every=0.002)
         else:
             final = (tmp_path / "reference" / big_output.name).stat().st_size
-            wait_for(lambda: partial(list((client_dir / "out").glob(f"{UPLOAD_PREFIX}*/*-{big_output.name}")), final),
+            wait_for(lambda: partial(list((client_dir / "out").glob(f"{UPLOADS}*/*-{big_output.name}")), final),
                      120, "a partial upload of the big output", every=0.002)
         [holder] = {path.parents[2].name.removeprefix("tmp-") for path in holding_big_input()}
         os.kill(running.workers[holder].process.pid, signal.SIGKILL)
@@ -243,11 +250,11 @@ def test_the_file_server_serves_only_with_the_token_and_publishes_verified_outpu
     out = tmp_path / "out"
     out.mkdir()
     final = out / "in_synthetic.json"
-    server = FileServer(out, "tcp://127.0.0.1:*", encrypt=True, marker=True).start()
+    server = FileServer(out, "tcp://127.0.0.1:*", [user_key_pair().name], marker=True).start()
     try:
         transfer = server.offer([{"path": str(source), "output": str(final)}])
         assert transfer["server_key"] and transfer["marker"] and Path(transfer["marker"]).parent == out
-        channel = Channel(transfer)
+        channel = Channel(transfer, credentials(environment=False))
         try:
             assert fetch(channel, transfer["token"], "job:0", final.name, tmp_path / "copy", lambda: False) is False
             assert (tmp_path / "copy").read_bytes() == content
@@ -317,10 +324,10 @@ class DroppingProxy:
 def test_a_download_resumes_from_the_offset_it_holds_after_the_connection_drops(tmp_path: Path) -> None:
     content = os.urandom(64 << 20)
     (tmp_path / "in.fa").write_bytes(content)
-    with FileServer(tmp_path / "out", "tcp://127.0.0.1:*", encrypt=False, marker=False).start() as server:
+    with FileServer(tmp_path / "out", "tcp://127.0.0.1:*", None, marker=False).start() as server:
         transfer = server.offer([{"path": str(tmp_path / "in.fa"), "output": str(tmp_path / "out" / "in.json")}])
         proxy = DroppingProxy(server.address, after=48 << 20)
-        channel = Channel({**transfer, "address": proxy.address})
+        channel = Channel({**transfer, "address": proxy.address}, None)
         try:
             fetch(channel, transfer["token"], "job:0", "in.json", tmp_path / "copy", lambda: False)
         finally:
@@ -333,21 +340,22 @@ def test_a_download_resumes_from_the_offset_it_holds_after_the_connection_drops(
 
 def test_a_new_file_server_sweeps_what_dead_ones_left_and_spares_live_ones(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    (out / f"{UPLOAD_PREFIX}dead").mkdir(parents=True)
-    (out / f"{UPLOAD_PREFIX}dead" / "3-a_ESM.pt").write_bytes(b"partial")
+    (out / f"{UPLOADS}dead").mkdir(parents=True)
+    (out / f"{UPLOADS}dead" / "3-a_ESM.pt").write_bytes(b"partial")
     (out / f"{MARKER_PREFIX}dead").write_bytes(b"x" * 32)
     (out / "a_ESM.pt").write_bytes(b"an output")
-    with FileServer(out, "tcp://127.0.0.1:*", encrypt=False, marker=True).start() as live:
-        assert live.marker is not None and not (out / f"{UPLOAD_PREFIX}dead").exists()
+    with FileServer(out, "tcp://127.0.0.1:*", None, marker=True).start() as live:
+        assert live.marker is not None and not (out / f"{UPLOADS}dead").exists()
         assert not (out / f"{MARKER_PREFIX}dead").exists()
-        with FileServer(out, "tcp://127.0.0.1:*", encrypt=False, marker=True).start():
+        with FileServer(out, "tcp://127.0.0.1:*", None, marker=True).start():
             assert live.upload_dir.is_dir() and live.marker.exists()
-        assert sorted(p.name for p in out.iterdir()) == sorted(["a_ESM.pt", live.upload_dir.name, live.marker.name])
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            ["a_ESM.pt", live.upload_dir.name, live.upload_dir.name + LOCK_SUFFIX, live.marker.name])
     assert [p.name for p in out.iterdir()] == ["a_ESM.pt"]
 
 
-def test_transfers_are_encrypted_when_the_broker_connection_is(tmp_path: Path, client_dir: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transfers_with_the_keys_of_a_broker_across_machines_are_encrypted(tmp_path: Path, client_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     keys = tmp_path / "keys"
     broker_public, broker_secret = create_keys(keys, "broker")
     allowed = tmp_path / "allowed"
@@ -359,7 +367,7 @@ def test_transfers_are_encrypted_when_the_broker_connection_is(tmp_path: Path, c
     monkeypatch.setenv(SECRET_ENV, str(secret["client"]))
     monkeypatch.setenv(SERVER_KEY_ENV, str(broker_public))
     files = [write_fasta(client_dir / f"in_{i}.fa", [100] * 8) for i in range(3)]
-    with LocalCluster(tmp_path / "logs", curve=True) as running:
+    with LocalCluster(tmp_path / "logs", environment_keys=True) as running:
         running.start_broker("--throughput-log", str(tmp_path / "log.jsonl"), "--curve-secret", str(broker_secret),
                              "--allowed-keys", str(allowed))
         start_hidden_worker(running, "hidden", client_dir, "--synthetic-speed", "1e6",

@@ -28,9 +28,12 @@ GOOD = [
     ("added", dict(job="j", files=1)),
     ("job", dict(job="j")),
     ("status", {}),
-    ("assign", dict(task="j:1", job="j", stage="esm", path="/data/a.fa", output="/out/a_ESM.pt")),
+    ("assign", dict(task="j:1", job="j", stage="esm", path="/data/a.fa", output_dir="/out", output="/out/a_ESM.pt")),
+    ("keys", {}),
+    ("worker_keys", dict(keys=[])),
+    ("worker_keys", dict(keys=["rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"])),
     ("assign", dict(task="j:0", job="j", stage="classify", path=PAIR["path"], paired=PAIR["paired"],
-                    output=PAIR["output"], classifier=CLASSIFIER)),
+                    output_dir="/w/classify", output=PAIR["output"], classifier=CLASSIFIER)),
     ("registered", dict(worker="ab", name="w", weight=1.5, heartbeat_interval=1.0)),
     *[("error", dict(code=code.value, reason="why, in words")) for code in ErrorCode],
 ]
@@ -80,16 +83,33 @@ def test_malformed_messages_are_rejected_with_the_reason(frame, reason):
         decode(frame)
 
 
-def test_job_paths_must_be_absolute_and_outputs_inside_the_output_directory():
+def test_job_paths_must_be_absolute_and_outputs_directly_in_the_output_directory():
     assert check_paths("/out", [SPEC | {"output": "/out/a.json"}]) is None
     assert "not an absolute path" in check_paths("out", [SPEC])
     assert "not an absolute path" in check_paths("/out", [SPEC | {"path": "data/a.fa"}])
-    assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out/../etc/passwd"}])
-    assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/outside/a.json"}])
-    assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out"}])
-    assert "outside the job's output directory" in check_paths("/out", [SPEC | {"output": "/out-2/a.json"}])
-    assert check_paths("/out/", [SPEC | {"output": "/out/sub/../a.json"}]) is None
-    assert check_paths("/", [SPEC | {"output": "/a.json"}]) is None
+    for outside in ("/out/../etc/passwd", "/outside/a.json", "/out-2/a.json", "/out", "/out/", "/out/sub/a.json",
+                    "/out/..", "/out/sub/../a.json"):
+        assert "not a file name directly in the job's output directory" in check_paths(
+            "/out", [SPEC | {"output": outside}]), outside
+
+
+@pytest.mark.parametrize("output_dir,reason", [
+    ("/", "the root of the file system"),
+    ("out", "not an absolute path"),
+    ("/data/../etc", "not in normal form"),
+    ("/data/out/", "not in normal form"),
+    ("//data", "not in normal form"),
+    ("/data/o\x00ut", "control character '\\x00'"),
+    ("/data/o\nut", "control character '\\n'"),
+    ("/data/o\x1b[31mut", "control character '\\x1b'"),
+])
+def test_an_output_directory_no_worker_may_write_in_is_refused_with_the_reason(output_dir, reason):
+    assert reason in check_paths(output_dir, [SPEC | {"output": output_dir.rstrip("/") + "/a.json"}])
+
+
+def test_inputs_and_output_names_with_control_characters_are_refused():
+    assert "control character" in check_paths("/out", [SPEC | {"path": "/data/a\n.fa"}])
+    assert "not a file name" in check_paths("/out", [SPEC | {"output": "/out/a\r.json"}])
 
 
 def test_a_classify_job_names_its_classifier_by_an_absolute_path_and_no_other_job_names_one():

@@ -535,7 +535,8 @@ def test_submit_and_assign_carry_the_transfer_map_and_reject_a_malformed_one():
     spec = {"path": "/data/a.fa", "output": "/out/a.json", "sequences": 1, "residues": 4}
     for kind, fields in [("submit", dict(stage="synthetic", output_dir="/out", files=[spec], weighted=False,
                                          steal=False)),
-                         ("assign", dict(task="j:0", job="j", stage="esm", path="/a.fa", output="/out/a.pt"))]:
+                         ("assign", dict(task="j:0", job="j", stage="esm", path="/a.fa", output_dir="/out",
+                                         output="/out/a_ESM.pt"))]:
         assert protocol.decode(protocol.encode(kind, **fields, transfer=TRANSFER))["transfer"] == TRANSFER
         assert "transfer" not in protocol.decode(protocol.encode(kind, **fields))
         with pytest.raises(ProtocolError, match="field 'transfer'"):
@@ -595,7 +596,7 @@ def test_the_worker_session_hands_the_transfer_map_of_an_assignment_to_the_task(
     session.handle(Connected(0.0))
     session.handle(MessageReceived(protocol.decode(protocol.encode(
         "registered", worker="w", name="w", weight=1.0, heartbeat_interval=1.0)), 0.1))
-    fields = dict(task="j:0", job="j", stage="esm", path="/data/a.fa", output="/out/a_ESM.pt")
+    fields = dict(task="j:0", job="j", stage="esm", path="/data/a.fa", output_dir="/out", output="/out/a_ESM.pt")
     [start] = session.handle(MessageReceived(protocol.decode(protocol.encode("assign", **fields, transfer=TRANSFER)),
                                              0.2))
     assert start == StartTask({**fields, "transfer": TRANSFER})

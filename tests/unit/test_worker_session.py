@@ -45,7 +45,8 @@ def message(kind: str, **fields: Any) -> dict[str, Any]:
 
 
 def assignment(task: str) -> dict[str, Any]:
-    return {"task": task, "job": "j", "stage": "esm", "path": f"/in/{task}.fa", "output": f"/out/{task}.pt"}
+    return {"task": task, "job": "j", "stage": "esm", "path": f"/in/{task}.fa", "output_dir": "/out",
+            "output": f"/out/{task}_ESM.pt"}
 
 
 class Worker:

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
+from broker.paths import output_dir_problem
 from broker.reports import failure_reasons, living_workers
 from broker.security import SecurityError
 from virnucpro.atomic import write_text_atomically
@@ -23,7 +24,7 @@ from virnucpro.client.jobs import JobLost, JobRun
 from virnucpro.client.progress import StageProgress
 from virnucpro.pipeline.fasta import FastaError, fasta_stats
 from virnucpro.stages import is_complete, output_path
-from virnucpro.transfer.fileserver import FileServer, TransferSetupError, start_file_server
+from virnucpro.transfer.fileserver import FileServer, TransferSetupError, start_file_server, sweep
 
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2
 POLL_SECONDS = 0.25
@@ -41,15 +42,23 @@ class Plan:
     output_dir: Path
     todo: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    swept: list[Path] = field(default_factory=list)  # what killed workers and clients had left in output_dir
 
 
 def plan_job(stage: str, files: Sequence[str | Path], output_dir: str | Path) -> Plan:
-    """Measure each input and skip those whose output is already complete.
+    """Make the output directory, measure each input and skip those whose output is already complete.
 
-    Raises FastaError naming the first bad input before anything is submitted.
+    First removes what killed workers and clients left in the output
+    directory (and no live process holds). Raises FastaError naming the
+    first bad input, EmbedError for an output directory no worker may write
+    in, or OSError, before anything is submitted.
     """
     output_dir = Path(output_dir).resolve()
-    plan = Plan(stage=stage, output_dir=output_dir)
+    problem = output_dir_problem(str(output_dir))
+    if problem:
+        raise EmbedError(problem)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plan = Plan(stage=stage, output_dir=output_dir, swept=sweep(output_dir))
     seen: dict[Path, Path] = {}
     for file in files:
         path = Path(file).resolve()
@@ -134,7 +143,9 @@ def file_server(client: BrokerClient, output_dir: Path, transfer: str,
                 address: str | None) -> Iterator[FileServer | None]:
     """While open, a file server for one job's files (None with --transfer never); EmbedError if it cannot start."""
     try:
-        server = start_file_server(client.address, client.encrypted, output_dir, transfer, address)
+        # Without --insecure the file server lets in only the keys the broker admits as workers.
+        workers = client.request("keys")["keys"] if client.credentials is not None and transfer != "never" else None
+        server = start_file_server(client.address, workers, output_dir, transfer, address)
     except TransferSetupError as exc:
         raise EmbedError(str(exc)) from None
     if server is None:
@@ -203,22 +214,25 @@ def embed(
     timeout: float = 600.0,
     transfer: str = "auto",
     transfer_address: str | None = None,
+    insecure: bool = False,
     console: Console | None = None,
 ) -> int:
     """The `virnucpro embed` command; returns its exit code."""
     console = console or make_console()
     try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
         plan = plan_job(stage, files, output_dir)
     except (FastaError, EmbedError, OSError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         return EXIT_ERROR
+    if plan.swept:
+        console.print(f"removed {len(plan.swept)} temporary files or directories that killed workers or clients "
+                      f"had left in {plan.output_dir}", markup=False)
     if plan.skipped:
         console.print(f"{len(plan.skipped)} of {len(files)} files already have complete outputs; skipped")
     report: dict[str, Any] | None = None
     if plan.todo:
         try:
-            with BrokerClient(address) as client:
+            with BrokerClient(address, insecure=insecure) as client:
                 wait_for_workers(client, stage, min_workers, timeout, console)
                 report = run_job(client, plan, weighted=weighted, steal=steal, backup=backup, console=console, transfer=transfer,
                                  transfer_address=transfer_address)

@@ -49,13 +49,20 @@ class Child:
 
 
 class LocalCluster:
-    """A loopback broker and workers owned by this process; `close` (or leaving the `with`) ends them."""
+    """A loopback broker and workers owned by this process; `close` (or leaving the `with`) ends them.
 
-    def __init__(self, log_dir: Path, curve: bool = False) -> None:
+    With no key options the broker, its workers and this process's clients
+    all use the user's own key pair (broker.security): nothing to configure,
+    and nobody else gets in.
+    """
+
+    def __init__(self, log_dir: Path, environment_keys: bool = False, insecure: bool = False) -> None:
+        """`environment_keys`: the caller gives the broker --curve-secret and admits the keys named in
+        $VIRNUCPRO_CURVE_SECRET, which children and clients then keep; otherwise they must not try keys meant
+        for another broker. `insecure`: broker and workers run with --insecure."""
         self.log_dir = log_dir
-        # True when the caller gives the broker --curve-secret: then children and clients keep the
-        # CURVE keys of the environment; otherwise they must not try keys meant for another broker.
-        self.curve = curve
+        self.environment_keys = environment_keys
+        self.insecure = insecure
         self.address = ""
         self.broker: Child | None = None
         self.workers: dict[str, Child] = {}
@@ -63,20 +70,22 @@ class LocalCluster:
     def _spawn(self, name: str, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / log_name
-        child_env = {k: v for k, v in os.environ.items() if self.curve or k not in (SECRET_ENV, SERVER_KEY_ENV)}
+        child_env = {k: v for k, v in os.environ.items()
+                     if self.environment_keys or k not in (SECRET_ENV, SERVER_KEY_ENV)}
         with open(log, "ab") as handle:
             process = spawn(argv, handle, {**child_env, **(env or {})})
         return Child(name, process, log)
 
-    def start_broker(self, *options: str, address: str | None = None) -> Child:
+    def start_broker(self, *options: str, address: str | None = None, env: dict[str, str] | None = None) -> Child:
         """Start the broker on `address` (default: a free loopback port) and wait until it listens.
 
-        RuntimeError if it cannot.
+        `env`: its environment (the key pair it uses lies in the state directory it names). RuntimeError if it
+        cannot.
         """
         for _ in range(BROKER_START_ATTEMPTS):
             self.address = address or free_loopback_address()
-            self.broker = self._spawn("broker", [*command("virnucpro-broker"), "--bind", self.address, *options],
-                                      "broker.log")
+            self.broker = self._spawn("broker", [*command("virnucpro-broker"), "--bind", self.address,
+                                                 *self._insecure(), *options], "broker.log", env)
             if _wait_listening(self.broker.process, self.address, LISTEN_TIMEOUT):
                 return self.broker
             if self.broker.process.poll() is None:
@@ -86,15 +95,19 @@ class LocalCluster:
         raise RuntimeError(f"the broker could not start: {self.broker.exit_description()}")
 
     def start_worker(self, name: str, *options: str, env: dict[str, str] | None = None) -> Child:
-        child = self._spawn(f"worker {name}",
-                            [*command("virnucpro"), "worker", "--broker", self.address, "--name", name, *options],
+        child = self._spawn(f"worker {name}", [*command("virnucpro"), "worker", "--broker", self.address, "--name", name,
+                                               *self._insecure(), *options],
                             f"worker-{name.replace(':', '')}.log", env)
         self.workers[name] = child
         return child
 
+    def _insecure(self) -> list[str]:
+        return ["--insecure"] if self.insecure else []
+
     def client(self, timeout: float = 5.0) -> BrokerClient:
-        """A client of this broker (with the environment's CURVE keys only if the broker uses CURVE)."""
-        return BrokerClient(self.address, timeout=timeout, curve=self.curve)
+        """A client of this broker, with the keys its broker admits."""
+        return BrokerClient(self.address, timeout=timeout, insecure=self.insecure,
+                            environment_keys=self.environment_keys)
 
     def failure(self, starting: bool = False) -> str | None:
         """Why a job here cannot finish: the broker exited, a worker exited while starting, or every worker did."""

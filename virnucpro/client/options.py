@@ -41,6 +41,7 @@ class PredictOptions:
     keep_features: bool = False
     transfer: str = "auto"
     transfer_address: str | None = None
+    insecure: bool = False  # no keys: a given broker started with --insecure, or such a broker and workers here
 
 
 def check_options(options: PredictOptions) -> None:

@@ -63,7 +63,7 @@ class WatchedClient(BrokerClient):
     """
 
     def __init__(self, cluster: LocalCluster, timeout: float) -> None:
-        super().__init__(cluster.address, timeout, curve=cluster.curve)
+        super().__init__(cluster.address, timeout, insecure=cluster.insecure, environment_keys=cluster.environment_keys)
         self.cluster = cluster
         self.starting = True
 
@@ -119,12 +119,13 @@ def broker_session(options: PredictOptions, devices: Sequence[str], work_dir: Pa
     all of them rather than over the first to finish loading its models.
     """
     if options.broker is not None:
-        with BrokerClient(options.broker, CLIENT_TIMEOUT) as client:
+        with BrokerClient(options.broker, CLIENT_TIMEOUT, insecure=options.insecure) as client:
             console.print(f"broker: {options.broker}, with the workers that serve it", markup=False)
             yield client
         return
     threads = max(1, _cores() // len(devices))
-    cluster = LocalCluster(work_dir / "logs")
+    # Zero configuration: the broker and workers started here admit only this user's own key.
+    cluster = LocalCluster(work_dir / "logs", insecure=options.insecure)
     try:
         try:
             cluster.start_broker(*broker_options(options))

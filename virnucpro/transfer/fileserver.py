@@ -2,33 +2,37 @@
 
 `virnucpro embed` (and `predict`, through it) runs one for the life of each
 job unless `--transfer never`. Workers connect to it directly; the broker
-only passes on its address, the job's token and, when the broker connection
-is encrypted, the server's CURVE public key (a key pair made here for the
-job). What to answer is decided by virnucpro.transfer.core; this shell
-reads and hashes inputs, writes uploads into a private directory inside the
-output directory, and publishes each verified output under its final name
-exactly once (virnucpro.worker.publish).
+only passes on its address, the job's token and, unless the client runs
+with --insecure, the server's CURVE public key (a key pair made here for
+the job). Then the channel is encrypted and only the keys the broker admits
+as workers may connect at all (the client asks the broker for them), and
+every request must also carry the job's token. What to answer is decided
+by virnucpro.transfer.core; this shell reads and hashes inputs, writes
+uploads into a private directory inside the output directory, and
+publishes each verified output under its final name exactly once
+(virnucpro.worker.publish).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import secrets
-import shutil
 import socket
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from broker.protocol import ProtocolError
+from broker.security import KeyPair, serve_securely
+from virnucpro import scratch
+from virnucpro.scratch import Scratch
 from virnucpro.stages import is_complete
 from virnucpro.transfer import wire
 from virnucpro.transfer.core import (
@@ -49,8 +53,6 @@ logger = logging.getLogger("virnucpro.transfer")
 
 MODES = ("auto", "always", "never")
 MARKER_PREFIX = ".virnucpro-marker-"
-UPLOAD_PREFIX = ".virnucpro-uploads-"
-MAKING_PREFIX = ".virnucpro-making-"  # an upload directory before it is locked
 # Messages queued per worker either way: a worker that asks for more than its credit gets nothing more in memory.
 QUEUE = 4 * CREDIT
 POLL_MS = 100
@@ -105,25 +107,31 @@ def bind_address(broker: str, override: str | None) -> str:
 class FileServer:
     """Serves the files of one job (and of its resubmissions) until `close`."""
 
-    def __init__(self, output_dir: Path, bind: str, encrypt: bool, marker: bool) -> None:
-        """`encrypt`: CURVE with a key pair made for this job; `marker`: leave the marker (--transfer auto)."""
+    def __init__(self, output_dir: Path, bind: str, workers: Collection[str] | None, marker: bool) -> None:
+        """`workers`: the public keys (Z85 text) that may connect, over CURVE with a key pair made for this job;
+        None serves in the clear (--insecure). `marker`: leave the marker (--transfer auto)."""
         self.output_dir = output_dir
-        name = secrets.token_hex(8)
-        self.upload_dir = output_dir / f"{UPLOAD_PREFIX}{name}"
-        self.marker: Path | None = output_dir / f"{MARKER_PREFIX}{name}" if marker else None
+        self.marker: Path | None = None
         self.marker_sha256: str | None = None
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
             sweep(output_dir)
-            self._held = self._make_upload_dir(name)
-            if self.marker is not None:
+            # Locked while this server lives, so that another client's sweep leaves it alone.
+            self._uploads = Scratch(output_dir, scratch.UPLOADS)
+        except OSError as exc:
+            raise TransferSetupError(f"{output_dir}: cannot prepare it for file transfers ({exc.strerror}); make it "
+                                     "writable, or pass --transfer never") from None
+        self.upload_dir = self._uploads.path
+        if marker:
+            self.marker = output_dir / (MARKER_PREFIX + self.upload_dir.name.removeprefix(scratch.UPLOADS))
+            try:
                 content = secrets.token_bytes(wire.MARKER_BYTES)
                 self.marker.write_bytes(content)
                 self.marker_sha256 = wire.marker_digest(content)
-        except OSError as exc:
-            shutil.rmtree(self.upload_dir, ignore_errors=True)
-            raise TransferSetupError(f"{output_dir}: cannot prepare it for file transfers ({exc.strerror}); make it "
-                                     "writable, or pass --transfer never") from None
+            except OSError as exc:
+                self._remove_files()
+                raise TransferSetupError(f"{output_dir}: cannot write the marker file ({exc.strerror}); make it "
+                                         "writable, or pass --transfer never") from None
         self._context = zmq.Context()  # its own, so that no ZAP handler of another socket applies here
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -131,19 +139,17 @@ class FileServer:
         self._socket.setsockopt(zmq.SNDHWM, QUEUE)
         self._socket.setsockopt(zmq.RCVHWM, QUEUE)
         self.public_key: str | None = None
-        if encrypt:
+        self._authenticator = None
+        if workers is not None:
             public, secret = zmq.curve_keypair()
-            self._socket.curve_secretkey = secret
-            self._socket.curve_publickey = public
-            self._socket.curve_server = True
+            self._authenticator = serve_securely(self._context, self._socket, KeyPair(public, secret, Path("")), workers)
             self.public_key = public.decode("ascii")
         if ":" in bind.removeprefix("tcp://").rpartition(":")[0]:
             self._socket.setsockopt(zmq.IPV6, 1)
         try:
             self._socket.bind(bind)
         except zmq.ZMQError as exc:
-            self._socket.close(0)
-            self._context.term()
+            self._close_socket()
             self._remove_files()
             raise TransferSetupError(f"cannot listen on {bind} for workers' file transfers ({exc}); give "
                                      "--transfer-address HOST[:PORT] of this machine, or --transfer never") from None
@@ -202,30 +208,18 @@ class FileServer:
             os.close(fd)
         self._upload_fds.clear()
         self._remove_files()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         self._socket.close(0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._context.term()
 
-    def _make_upload_dir(self, name: str) -> int:
-        """Create the private upload directory, locked before it takes the name a sweep looks for; the lock's fd.
-
-        The lock is held until close, so another client's sweep leaves the
-        directory alone while this file server lives.
-        """
-        making = self.output_dir / f"{MAKING_PREFIX}{name}"
-        making.mkdir(mode=0o700)
-        held = os.open(making, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pass  # a file system without locks: only a concurrent client's sweep could take it
-        making.rename(self.upload_dir)
-        return held
-
     def _remove_files(self) -> None:
-        shutil.rmtree(self.upload_dir, ignore_errors=True)
         if self.marker is not None:
             self.marker.unlink(missing_ok=True)
-        os.close(self._held)
+        self._uploads.close()
 
     # ------------------------------------------------------------- loop
 
@@ -365,28 +359,14 @@ class FileServer:
 
 
 def sweep(output_dir: Path) -> list[Path]:
-    """Remove what file servers that died left in `output_dir` (partial uploads, markers); return what went.
+    """Remove what dead file servers and workers left in `output_dir` (partial uploads, scratch, markers); what went.
 
-    A live file server holds a lock on its upload directory, so only the
+    Live ones hold locks on theirs (virnucpro.scratch), so only the
     leftovers of dead ones are taken.
     """
-    removed = []
-    for uploads in [*output_dir.glob(f"{UPLOAD_PREFIX}*"), *output_dir.glob(f"{MAKING_PREFIX}*")]:
-        try:
-            held = os.open(uploads, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live file server's
-        else:
-            shutil.rmtree(uploads, ignore_errors=True)
-            removed.append(uploads)
-        finally:
-            os.close(held)
+    removed = scratch.sweep(output_dir)
     for marker in output_dir.glob(f"{MARKER_PREFIX}*"):
-        if not (output_dir / (UPLOAD_PREFIX + marker.name.removeprefix(MARKER_PREFIX))).exists():
+        if not (output_dir / (scratch.UPLOADS + marker.name.removeprefix(MARKER_PREFIX))).exists():
             marker.unlink(missing_ok=True)
             removed.append(marker)
     return removed
@@ -397,15 +377,15 @@ def served_files(files: Sequence[dict[str, Any]], also: Sequence[str]) -> list[S
     return [ServedFile(f["path"], f["output"], (*([f["paired"]] if "paired" in f else []), *also)) for f in files]
 
 
-def start_file_server(broker: str, encrypted: bool, output_dir: Path, mode: str,
+def start_file_server(broker: str, workers: Collection[str] | None, output_dir: Path, mode: str,
                       address: str | None = None) -> FileServer | None:
     """A running file server for one job (None with --transfer never); close it when the job ends.
 
-    `encrypted`: whether the client's connection to the broker is; the file
-    channel is encrypted exactly when it is.
+    `workers`: the keys the broker admits as workers, the only ones let in
+    (None: the client runs with --insecure, and so does the channel).
     """
     if mode not in MODES:
         raise TransferSetupError(f"--transfer {mode}: must be one of {', '.join(MODES)}")
     if mode == "never":
         return None
-    return FileServer(output_dir, bind_address(broker, address), encrypt=encrypted, marker=mode == "auto").start()
+    return FileServer(output_dir, bind_address(broker, address), workers, marker=mode == "auto").start()

@@ -23,7 +23,10 @@ from typing import Any
 import zmq
 
 from broker.protocol import ProtocolError
+from broker.security import Credentials
+from virnucpro import scratch
 from virnucpro.backends.interface import Backend, Cancelled, PairBackend
+from virnucpro.scratch import Scratch
 from virnucpro.stages import is_complete
 from virnucpro.transfer import wire
 from virnucpro.transfer.core import (
@@ -66,11 +69,19 @@ def sees_client_files(transfer: dict[str, Any]) -> bool:
 
 
 class Channel:
-    """A DEALER socket to the client's file server, encrypted when the job gives the server's key."""
+    """A DEALER socket to the client's file server, encrypted when the job gives the server's key.
 
-    def __init__(self, transfer: dict[str, Any]) -> None:
+    The worker connects with the key pair it uses with the broker: the file
+    server lets in only the keys the broker admits as workers.
+    """
+
+    def __init__(self, transfer: dict[str, Any], keys: Credentials | None) -> None:
         self.address: str = transfer["address"]
         self.server_key: str | None = transfer.get("server_key")
+        if self.server_key and keys is None:
+            raise TransferError(f"the file server at {self.address} admits only workers' keys, and this worker runs "
+                                "with --insecure")
+        self.keys = keys
         self._context: zmq.Context = zmq.Context.instance()
         self._socket = self._open()
 
@@ -80,9 +91,9 @@ class Channel:
         channel.setsockopt(zmq.MAXMSGSIZE, MAX_CHUNK + 65536)
         channel.setsockopt(zmq.SNDHWM, QUEUE)
         channel.setsockopt(zmq.RCVHWM, QUEUE)
-        if self.server_key:
-            # The job's token authenticates this worker; the key pair only encrypts, so a fresh one will do.
-            channel.curve_publickey, channel.curve_secretkey = zmq.curve_keypair()
+        if self.server_key and self.keys is not None:
+            channel.curve_publickey = self.keys.keys.public
+            channel.curve_secretkey = self.keys.keys.secret
             channel.curve_serverkey = self.server_key.encode("ascii")
         channel.connect(self.address)
         return channel
@@ -186,20 +197,28 @@ def _local_name(path: str) -> str:
     return name
 
 
-def run_remote(assignment: dict[str, Any], backend: Backend | PairBackend,
-               should_stop: Callable[[], bool]) -> dict[str, Any]:
+def sweep_task_directories() -> list[Path]:
+    """Remove the private task directories that killed workers of this user left in $TMPDIR; what went."""
+    return scratch.sweep(Path(tempfile.gettempdir()))
+
+
+def run_remote(assignment: dict[str, Any], output_name: str, backend: Backend | PairBackend, should_stop: Callable[[], bool],
+               keys: Credentials | None) -> dict[str, Any]:
     """Fetch, run and return one task's files (on the task thread); the fields of its `done` message.
 
+    `output_name`: the output's file name, as this worker derived it.
     `seconds` counts the backend alone, so the throughput log keeps measuring
     the device; the transfers are in the worker's log.
     """
     transfer, task = assignment["transfer"], assignment["task"]
     token = transfer["token"]
-    input_name, output_name = _local_name(assignment["path"]), _local_name(assignment["output"])
-    channel = Channel(transfer)
+    input_name = _local_name(assignment["path"])
+    channel = Channel(transfer, keys)
     try:
-        with tempfile.TemporaryDirectory(prefix="virnucpro-task-") as directory:  # mode 0700
-            private = Path(directory)
+        # Mode 0700, under $TMPDIR, locked while the task runs: a later worker's sweep takes it only if this
+        # worker was killed (virnucpro.scratch).
+        with Scratch(Path(tempfile.gettempdir()), scratch.TASK) as directory:
+            private = directory.path
             (private / "input").mkdir()
             (private / "output").mkdir()
             local_input, local_output = private / "input" / input_name, private / "output" / output_name
@@ -208,7 +227,7 @@ def run_remote(assignment: dict[str, Any], backend: Backend | PairBackend,
                 logger.info("%s: output already complete on the client, skipped", output_name)
                 return {"seconds": 0.0, "sequences": 0, "residues": 0, "skipped": True}
             if isinstance(backend, PairBackend):
-                run = fetch_pair(assignment, backend, channel, private, should_stop)
+                run = fetch_pair(assignment, output_name, backend, channel, private, should_stop)
             else:
                 run = partial(backend.run, local_input, local_output, should_stop)
             fetched = time.monotonic()
@@ -227,7 +246,7 @@ def run_remote(assignment: dict[str, Any], backend: Backend | PairBackend,
     return {"seconds": ran - fetched, "sequences": sequences, "residues": residues, "skipped": False}
 
 
-def fetch_pair(assignment: dict[str, Any], backend: PairBackend, channel: Channel, private: Path,
+def fetch_pair(assignment: dict[str, Any], output_name: str, backend: PairBackend, channel: Channel, private: Path,
                should_stop: Callable[[], bool]) -> Callable[[], tuple[int, int]]:
     """Fetch a classify task's further inputs into `private`; what runs it on the local copies.
 
@@ -236,7 +255,7 @@ def fetch_pair(assignment: dict[str, Any], backend: PairBackend, channel: Channe
     has not loaded that classifier yet. Each download gets a fresh
     connection, so that no late reply to the one before can reach it.
     """
-    token, task, output_name = assignment["transfer"]["token"], assignment["task"], _local_name(assignment["output"])
+    token, task = assignment["transfer"]["token"], assignment["task"]
     classifier = dict(assignment["classifier"])
     local_paired = private / "paired" / _local_name(assignment["paired"])
     local_paired.parent.mkdir()

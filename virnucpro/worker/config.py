@@ -32,6 +32,7 @@ class WorkerConfig:
     esm_model: str | None = None
     precision: str | None = None  # None: bf16 where the GPU has it natively, fp32 elsewhere
     broker_timeout: float = 10.0
+    insecure: bool = False  # talk to an --insecure broker in the clear, with no key
     options: dict[str, Any] = field(default_factory=dict)
 
 

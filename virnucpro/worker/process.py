@@ -37,11 +37,12 @@ from typing import Any
 import zmq
 
 from broker import protocol
-from broker.protocol import ProtocolError
-from broker.security import secure_client
+from broker.protocol import ErrorCode, ProtocolError
+from broker.security import Credentials
 from virnucpro.backends.interface import Backend, Cancelled, PairBackend
-from virnucpro.stages import is_complete
-from virnucpro.transfer.remote import run_remote, sees_client_files
+from virnucpro.scratch import WORK, Scratch
+from virnucpro.stages import is_complete, task_output
+from virnucpro.transfer.remote import run_remote, sees_client_files, sweep_task_directories
 from virnucpro.worker.config import WorkerConfig, WorkerSetupError, device_name
 from virnucpro.worker.gauges import nvml_gauges_for
 from virnucpro.worker.publish import publish
@@ -69,12 +70,19 @@ from virnucpro.worker.session import (
 logger = logging.getLogger("virnucpro.worker")
 
 
+class WorkerRefused(WorkerSetupError):
+    """The broker refused this worker's key as a worker; the message says what to change."""
+
+
 class Worker:
     """The worker's socket loop; `run` returns once `stop` is called."""
 
-    def __init__(self, config: WorkerConfig, backends: dict[str, Backend | PairBackend]) -> None:
+    def __init__(self, config: WorkerConfig, backends: dict[str, Backend | PairBackend], keys: Credentials | None) -> None:
+        """`keys`: how it connects to the broker and to clients' file servers (None: --insecure)."""
         self.config = config
         self.backends = backends
+        self.credentials = keys
+        self._refusal: str | None = None
         self.gpu = device_name(config)
         self.name = config.name or f"{socket.gethostname()}:{config.device}"
         self.identity = uuid.uuid4().bytes
@@ -113,9 +121,12 @@ class Worker:
     # ------------------------------------------------------------- loop
 
     def run(self) -> None:
-        """Serve the broker until `stop` is called."""
-        logger.info("worker %s (%s, stages %s) connecting to %s", self.name, self.gpu,
-                    ",".join(sorted(self.backends)), self.config.broker)
+        """Serve the broker until `stop` is called; WorkerRefused if the broker will not have this key as a worker."""
+        logger.info("worker %s (%s, stages %s) connecting to %s%s", self.name, self.gpu,
+                    ",".join(sorted(self.backends)), self.config.broker,
+                    "" if self.credentials is None else f" with the key in {self.credentials.keys.source}")
+        for leftover in sweep_task_directories():
+            logger.info("removed %s, left by a worker that was killed", leftover)
         self._connect()
         try:
             while not self._stop.is_set():
@@ -130,6 +141,8 @@ class Worker:
                 self._handle(Tick(time.monotonic()))
         finally:
             self._shutdown()
+        if self._refusal is not None:
+            raise WorkerRefused(self._refusal)
 
     def _connect(self) -> None:
         if self._socket is not None:
@@ -140,7 +153,8 @@ class Worker:
         self._socket.setsockopt(zmq.LINGER, 0)
         # Queue nothing for a broker that is not there: stale heartbeats must not reach a new one.
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        secure_client(self._socket)
+        if self.credentials is not None:
+            self.credentials.apply(self._socket)
         self._socket.connect(self.config.broker)
         self._poller.register(self._socket, zmq.POLLIN)
         self._handle(Connected(time.monotonic()))
@@ -156,7 +170,17 @@ class Worker:
             except ProtocolError as exc:
                 logger.warning("dropped a message from the broker: %s", exc)
                 continue
+            if message["type"] == "error":
+                self._refused(message)
+                continue
             self._handle(MessageReceived(message, time.monotonic()))
+
+    def _refused(self, error: dict[str, Any]) -> None:
+        """The broker answered with an error: a refused key cannot serve it, so the worker stops."""
+        logger.error("the broker at %s refused this worker: %s", self.config.broker, error["reason"])
+        if error["code"] == ErrorCode.FORBIDDEN.value:
+            self._refusal = error["reason"]
+            self.stop()
 
     def _handle(self, event: Event) -> None:
         for instruction in self.session.handle(event):
@@ -222,10 +246,11 @@ class Worker:
         backend = self.backends.get(assignment["stage"])
         if backend is None:
             raise WorkerSetupError(f"this worker does not serve the {assignment['stage']} stage")
+        # Derived here, never taken from the message: OutputRefused fails the task with the reason.
+        output = task_output(assignment["stage"], assignment["path"], assignment["output_dir"], assignment["output"])
         transfer = assignment.get("transfer")
         if transfer is not None and not sees_client_files(transfer):
-            return run_remote(assignment, backend, should_stop)
-        output = Path(assignment["output"])
+            return run_remote(assignment, output.name, backend, should_stop, self.credentials)
         classifier = assignment.get("classifier")
 
         def complete(path: Path) -> bool:
@@ -236,9 +261,11 @@ class Worker:
             logger.info("%s: output already complete, skipped", output)
             return {"seconds": 0.0, "sequences": 0, "residues": 0, "skipped": True}
         output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = output.with_name(f".{output.name}.{self.identity.hex()[:8]}.tmp")
-        started = time.monotonic()
-        try:
+        # Written in a private directory beside the output, held locked: a sweep removes it only once this
+        # worker is gone (virnucpro.scratch).
+        with Scratch(output.parent, WORK) as scratch:
+            temporary = scratch.path / output.name
+            started = time.monotonic()
             if isinstance(backend, PairBackend):
                 if "paired" not in assignment or classifier is None:
                     raise ValueError(f"a {backend.stage} task needs its paired input and the job's classifier")
@@ -248,8 +275,6 @@ class Worker:
                 sequences, residues = backend.run(Path(assignment["path"]), temporary, should_stop)
             seconds = time.monotonic() - started
             first = publish(temporary, output, complete)
-        finally:
-            temporary.unlink(missing_ok=True)
         logger.info("%s -> %s: %d sequences in %.2f s%s", assignment["path"], output.name, sequences, seconds,
                     "" if first else " (another copy was published first)")
         return {"seconds": seconds, "sequences": sequences, "residues": residues, "skipped": False}

@@ -1,4 +1,4 @@
-"""Publishing a finished output: synced, then given its final name exactly once."""
+"""Publishing a finished output: synced, then given its final name exactly once, never through a link."""
 
 from __future__ import annotations
 
@@ -18,28 +18,35 @@ def publish(temporary: Path, final: Path, complete: Callable[[Path], bool] = is_
     file: an output is written exactly once even when two workers finish
     the same file. Returns False (and removes `temporary`) if a complete
     output already existed; `complete` says what counts as one (a per-pair
-    predictions file made by another classifier does not).
+    predictions file made by another classifier does not). Neither link(2)
+    nor rename(2) follows a symbolic link at the final name: a link planted
+    there is not an output (see is_complete) and is replaced, and what it
+    points at is never touched.
     """
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
+    fd = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        os.link(temporary, final)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temporary, final, follow_symlinks=False)
     except FileExistsError:
         if complete(final):
             published = False
         else:
-            # A damaged leftover (truncated by hand, a disk error, another classifier's) is not an output: replace it.
+            # A damaged leftover (truncated by hand, a disk error, another classifier's) or a link is not an
+            # output: replace it.
             os.replace(temporary, final)
             published = True
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
             raise
         # A file system without hard links: rename is still atomic, last writer wins.
-        if final.exists():
+        if os.path.lexists(final) and complete(final):
             published = False
         else:
             os.replace(temporary, final)
-            return True
+            published = True
     else:
         published = True
     temporary.unlink(missing_ok=True)

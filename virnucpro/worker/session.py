@@ -33,7 +33,7 @@ REVOKED = "revoked by the broker"
 # leaves service and restarts itself.
 ABANDON_GRACE = 5.0
 # What a task takes from its `assign` message; the last three come only with some.
-ASSIGNMENT_FIELDS = ("task", "job", "stage", "path", "output", "transfer", "paired", "classifier")
+ASSIGNMENT_FIELDS = ("task", "job", "stage", "path", "output_dir", "output", "transfer", "paired", "classifier")
 
 # ----------------------------------------------------------------- events
 
