@@ -28,8 +28,9 @@ DEFAULT_HEARTBEAT_INTERVAL = 1.0
 # Longest failure reason reported (the protocol allows 4096 characters).
 MAX_REASON = 2000
 REVOKED = "revoked by the broker"
-# What a task takes from its `assign` message; the last three come only with some.
-ASSIGNMENT_FIELDS = ("task", "job", "stage", "path", "output_dir", "output", "transfer", "paired", "classifier")
+# What a task takes from its `assign` message; the last four come only with some.
+ASSIGNMENT_FIELDS = ("task", "job", "stage", "path", "output_dir", "output", "transfer", "paired", "classifier",
+                     "fingerprint")
 
 # ----------------------------------------------------------------- events
 
