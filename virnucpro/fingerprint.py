@@ -35,8 +35,11 @@ def check_unchanged(path: str | Path, expected: dict[str, Any] | None, *, copy_o
     """
     if expected is None:
         return
-    info = os.stat(path)
     name = copy_of or path
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputChanged(f"{REASON}: {name}: file not found, though it was there then") from None
     if info.st_size != expected["size"]:
         raise InputChanged(f"{REASON}: {name} held {expected['size']:,} bytes then and {info.st_size:,} now; "
                            "submit the job again if the new contents are meant")

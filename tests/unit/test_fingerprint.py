@@ -54,6 +54,11 @@ def test_fewer_records_read_than_submitted_fail_the_attempt(tmp_path):
         check_records(tmp_path / "a.fa", {"size": 1, "mtime_ns": 1, "records": 3}, 2)
 
 
+def test_a_vanished_input_is_named_as_not_found(tmp_path):
+    with pytest.raises(InputChanged, match=rf"input changed since submission: {tmp_path}/a.fa: file not found"):
+        check_unchanged(tmp_path / "a.fa", {"size": 1, "mtime_ns": 1, "records": 1})
+
+
 def test_without_a_fingerprint_nothing_is_checked(tmp_path):
     check_unchanged(tmp_path / "absent.fa", None)
     check_records(tmp_path / "absent.fa", None, 0)
