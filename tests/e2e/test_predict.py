@@ -183,7 +183,7 @@ def test_a_classify_worker_killed_mid_run_is_replaced_and_the_predictions_are_th
     tiny = ["--models", "tiny", "--broker-timeout", "5"]
     with LocalCluster(tmp_path / "logs") as cluster:
         cluster.start_broker("--throughput-log", str(tmp_path / "log.jsonl"), "--heartbeat-interval", "0.2",
-                             "--worker-timeout", "1.5")
+                             "--worker-timeout", "1.5", env=env)
         for name in ("embed-1", "embed-2"):
             cluster.start_worker(name, "--stage", "dnabert", "--stage", "esm", *tiny, env=env)
         doomed = cluster.start_worker("classify-1", "--stage", "classify", *tiny, env=env)

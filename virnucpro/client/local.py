@@ -75,15 +75,16 @@ class LocalCluster:
             process = spawn(argv, handle, {**child_env, **(env or {})})
         return Child(name, process, log)
 
-    def start_broker(self, *options: str, address: str | None = None) -> Child:
+    def start_broker(self, *options: str, address: str | None = None, env: dict[str, str] | None = None) -> Child:
         """Start the broker on `address` (default: a free loopback port) and wait until it listens.
 
-        RuntimeError if it cannot.
+        `env`: its environment (the key pair it uses lies in the state directory it names). RuntimeError if it
+        cannot.
         """
         for _ in range(BROKER_START_ATTEMPTS):
             self.address = address or free_loopback_address()
             self.broker = self._spawn("broker", [*command("virnucpro-broker"), "--bind", self.address,
-                                                 *self._insecure(), *options], "broker.log")
+                                                 *self._insecure(), *options], "broker.log", env)
             if _wait_listening(self.broker.process, self.address, LISTEN_TIMEOUT):
                 return self.broker
             if self.broker.process.poll() is None:
