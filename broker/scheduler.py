@@ -659,6 +659,8 @@ class Scheduler:
         out: list[Instruction] = []
         running = self._end_copy(worker, now) if worker.running is not None else None
         self._set_alive(worker, False)
+        # A pooled file that failed on every other capable worker may now go back to a waiting one.
+        self._offer_all = self._offer_all or bool(self.unowned)
         queued = [self.tasks[key[-1]] for key in worker.queue]
         for task in queued:
             self._dequeue(task)

@@ -521,6 +521,19 @@ def test_file_failed_on_every_living_worker_is_retried_on_one_of_them():
     assert {a["worker"] for a in report["failures"][0]["attempts"]} == {"a", "b"}
 
 
+def test_a_waiting_worker_gets_a_file_it_failed_on_once_the_only_other_capable_worker_leaves():
+    d = Driver(max_attempts=2)
+    d.join("a")
+    d.submit("j", [100], steal=False, backup=False)
+    d.request("a")
+    d.fail("a", "j:0")  # a must not retry it while another capable worker lives
+    d.join("a")  # a reconnects: the file it queued waits in the unowned pool
+    d.join("b")
+    assert not assigns(d.request("a"))
+    out = d.left("b")
+    assert [(x.worker, x.task) for x in assigns(out)] == [("a", "j:0")]
+
+
 def test_file_that_fails_once_then_succeeds_is_done():
     d = Driver(max_attempts=3)
     d.join("a")

@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,11 @@ class PredictJobs:
             if embedded:
                 self.classify.seal()
         if self.classify is not None:
-            progress.update("classify", self.classify.poll(), unit="frames")
+            # Pairs still waiting for their embeddings count in the totals: the line shows the whole stage.
+            figures = self.classify.poll()
+            progress.update("classify", replace(figures, files=figures.files + len(self.waiting),
+                                                amount=figures.amount + sum(p.sequences for p in self.waiting)),
+                            unit="frames")
             if self.classify.ended and "classify" not in self.times.ended:
                 self.times.ended["classify"] = self.clock()
                 self._show_transfers(self.classify)
