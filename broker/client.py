@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -17,6 +18,20 @@ from broker.security import Credentials, credentials
 NOT_ADMITTED_HINT = ("a broker that does not admit this process's key does not answer either: it must run as "
                      "this user with no key options, or admit the key in $VIRNUCPRO_CURVE_SECRET (whose "
                      "broker key is $VIRNUCPRO_CURVE_SERVER_KEY); --insecure only talks to an --insecure broker")
+
+
+# Waits between tries while the broker does not answer, as the ZeroMQ guide's Paranoid Pirate worker
+# reconnects: 1 s after the first failed try, doubling after each further one, at most 32 s.
+RECONNECT_FIRST = 1.0
+RECONNECT_MOST = 32.0
+
+
+def reconnect_waits() -> Iterator[float]:
+    """The waits before each next try: 1, 2, 4, ... 32, 32, ... seconds."""
+    wait = RECONNECT_FIRST
+    while True:
+        yield wait
+        wait = min(wait * 2, RECONNECT_MOST)
 
 
 class BrokerUnreachable(RuntimeError):
@@ -85,12 +100,13 @@ class BrokerClient:
         """Send one message and return the broker's reply; BrokerError for an `error` reply."""
         socket = self._connect()
         socket.send(protocol.encode(kind, **fields))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not socket.poll(math.ceil(remaining * 1000)):
                 self._reset()
-                raise BrokerUnreachable(f"no answer from the broker at {self.address} within {self.timeout:g} s; "
+                raise BrokerUnreachable(f"no answer from the broker at {self.address} within {timeout:g} s; "
                                         f"{NOT_ADMITTED_HINT}")
             try:
                 reply = protocol.decode(socket.recv())
@@ -100,18 +116,33 @@ class BrokerClient:
                 raise BrokerError(reply["reason"], ErrorCode(reply["code"]))
             return reply
 
-    def wait_until_up(self, timeout: float) -> dict[str, Any]:
-        """The broker's status, retrying until it answers or `timeout` passes."""
-        deadline = time.monotonic() + timeout
+    def wait_until_up(self, timeout: float, since: float | None = None) -> dict[str, Any]:
+        """The broker's status, tried again after each silence until it answers or `timeout` has passed.
+
+        `since`: when the broker was last heard (monotonic clock); the wait
+        ends `timeout` after it, and the error says how long the broker was
+        silent. The count of consecutive failed tries sets the pause between
+        them (reconnect_waits); it starts again with every call, that is
+        after every time the broker answered.
+        """
+        since = time.monotonic() if since is None else since
+        deadline = since + timeout
+        tries = 0
+        waits = reconnect_waits()
         while True:
             try:
-                return self.request("status", timeout=min(1.0, max(0.1, deadline - time.monotonic())))["status"]
+                return self.request("status", timeout=min(self.timeout, max(0.1, deadline - time.monotonic())))[
+                    "status"]
             except BrokerUnreachable:
-                if time.monotonic() >= deadline:
+                tries += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise BrokerUnreachable(
-                        f"no broker answered at {self.address} within {timeout:g} s; start one with "
-                        f"`virnucpro-broker --bind {self.address}` or pass --broker ADDR; {NOT_ADMITTED_HINT}"
+                        f"no broker answered at {self.address} for {time.monotonic() - since:.0f} s ({tries} tries; "
+                        f"--timeout {timeout:g} s); start one with `virnucpro-broker --bind {self.address}` or pass "
+                        f"--broker ADDR; {NOT_ADMITTED_HINT}"
                     ) from None
+                time.sleep(min(next(waits), remaining))
 
     def close(self) -> None:
         self._reset()

@@ -22,7 +22,9 @@ class FileSpec(NamedTuple):
 
     `paired` is the second input of a task that reads two files (a classify
     task reads the DNABERT-S features at `path` and the ESM-2 features at
-    `paired`); None for every other stage.
+    `paired`); None for every other stage. `fingerprint` is the input's
+    (size, mtime_ns, records) at submission, passed on to the worker that
+    runs it; None if the client sent none.
     """
 
     path: str
@@ -30,6 +32,7 @@ class FileSpec(NamedTuple):
     sequences: int
     residues: int
     paired: str | None = None
+    fingerprint: tuple[int, int, int] | None = None
 
 
 def task_id(job: str, index: int) -> str:

@@ -67,9 +67,12 @@ STAGE = fields.one_of(STAGES)
 NAME = fields.text_of(most=MAX_NAME)
 # `paired`: the second input of a task that reads two files (classify: the ESM-2 features beside `path`'s
 # DNABERT-S features of the same file pair).
+# `fingerprint`: the input as the client measured it at submission; the worker that runs the file refuses
+# one whose size, modification time or record count is no longer that (virnucpro.fingerprint).
+FINGERPRINT = fields.exact_map({"size": fields.count, "mtime_ns": fields.count, "records": fields.count})
 FILE_SPEC = fields.exact_map(
     {"path": fields.text, "output": fields.text, "sequences": fields.count, "residues": fields.count},
-    optional={"paired": fields.text},
+    optional={"paired": fields.text, "fingerprint": FINGERPRINT},
 )
 # The classifier checkpoint a classify job's workers load, and the digest they check it against.
 CLASSIFIER = fields.exact_map({"path": fields.text, "sha256": fields.sha256})
@@ -110,7 +113,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # `files`: how many files the client sent in all; the broker refuses to seal a job that holds another count.
     "seal": {"job": fields.text, "files": fields.count},
     "job": {"job": fields.text},
-    "cancel": {"job": fields.text},
+    # `by?`: how the cancelling client describes itself (user@host pid N); its job's report names it.
+    "cancel": {"job": fields.text, "by?": fields.text},
     "status": {"page?": fields.count},  # page: 0 (the default) holds the most recent workers and jobs
     "keys": {},  # the workers' public keys, which the client's file server admits (virnucpro.transfer)
     # broker -> worker
@@ -119,7 +123,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # The worker derives the output's path from `output_dir`, `stage` and `path`, and refuses a task whose
     # `output` says otherwise.
     "assign": {"task": fields.text, "job": fields.text, "stage": STAGE, "path": fields.text, "output_dir": fields.text,
-               "output": fields.text, "transfer?": TRANSFER, "paired?": fields.text, "classifier?": CLASSIFIER},
+               "output": fields.text, "transfer?": TRANSFER, "paired?": fields.text, "classifier?": CLASSIFIER,
+               "fingerprint?": FINGERPRINT},
     # abandon: the task showed no progress for the task timeout; a worker that cannot stop it restarts itself.
     "revoke": {"task": fields.text, "abandon?": fields.flag},
     "reregister": {},

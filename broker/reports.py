@@ -72,9 +72,15 @@ def job_report(job: Job, workers: Iterable[Worker]) -> dict[str, Any]:
     }
 
 
+def failure_lines(failure: dict[str, Any]) -> list[str]:
+    """Every reason a failed file gave, as `worker: reason`: its failed attempts, then the workers that died running
+    it."""
+    return [f"{a['worker']}: {a['reason']}" for a in [*failure["attempts"], *failure.get("deaths", [])]]
+
+
 def failure_reasons(failure: dict[str, Any]) -> str:
-    """One line of every reason a failed file gave: its failed attempts, then the workers that died running it."""
-    return "; ".join(f"{a['worker']}: {a['reason']}" for a in [*failure["attempts"], *failure.get("deaths", [])])
+    """Every reason a failed file gave, on one line."""
+    return "; ".join(failure_lines(failure))
 
 
 def job_progress(view: SchedulerView, job: Job, scale: float | None = None) -> dict[str, Any]:

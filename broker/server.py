@@ -299,8 +299,17 @@ class BrokerServer:
 
     def _cancel(self, identity: bytes, m: dict[str, Any]) -> None:
         if self._may_touch(identity, m["job"]):
-            self._perform(self.scheduler.handle(JobCancelled(m["job"], time.monotonic())))
+            instructions = self.scheduler.handle(JobCancelled(m["job"], time.monotonic()))
+            # Who cancelled goes in the job's report, so that its own client can say so.
+            who = self._canceller(identity, m.get("by"))
+            self._perform([dataclasses.replace(i, report={**i.report, "cancelled_by": who})
+                           if isinstance(i, JobFinished) and i.job == m["job"] else i for i in instructions])
             self._send_job_state(identity, m["job"])
+
+    def _canceller(self, identity: bytes, by: str | None) -> str:
+        """The cancelling client in words: its description of itself, and its key (or its connection, in the clear)."""
+        seen = f"key {self._sender}" if self._sender is not None else f"connection {identity.hex()}"
+        return f"{by} ({seen})" if by else f"the client with {seen}"
 
     def _status(self, identity: bytes, m: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -374,6 +383,9 @@ class BrokerServer:
                 extra = dict(self.job_extras.get(instruction.job, {}))
                 if instruction.paired is not None:
                     extra["paired"] = instruction.paired
+                fingerprint = self.scheduler.tasks[instruction.task].spec.fingerprint
+                if fingerprint is not None:
+                    extra["fingerprint"] = dict(zip(("size", "mtime_ns", "records"), fingerprint, strict=True))
                 self._send(bytes.fromhex(instruction.worker), "assign", task=instruction.task, job=instruction.job,
                            stage=instruction.stage, path=instruction.path,
                            output_dir=self.scheduler.jobs[instruction.job].output_dir, output=instruction.output,
@@ -406,7 +418,13 @@ class BrokerServer:
 
 def file_specs(files: list[dict[str, Any]]) -> tuple[FileSpec, ...]:
     """The core's records of a message's validated file specs."""
-    return tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"], f.get("paired")) for f in files)
+    return tuple(FileSpec(f["path"], f["output"], f["sequences"], f["residues"], f.get("paired"),
+                          fingerprint(f.get("fingerprint"))) for f in files)
+
+
+def fingerprint(wire: dict[str, int] | None) -> tuple[int, int, int] | None:
+    """The core's record of a file spec's fingerprint: (size, mtime_ns, records)."""
+    return None if wire is None else (wire["size"], wire["mtime_ns"], wire["records"])
 
 
 def check_classifier(stage: str, classifier: dict[str, Any] | None) -> str | None:

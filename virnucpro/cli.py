@@ -196,7 +196,7 @@ def worker(ctx: click.Context, address: str | None, device: str, gpus: tuple[int
 @click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Wait for this many workers serving the stage before seeding.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
-              help="Seconds to wait for the broker and for --min-workers before giving up.")
+              help="Seconds to wait for --min-workers, and for a silent broker (in all, since it last answered).")
 @transfer_options
 @insecure_option
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -205,8 +205,10 @@ def embed(address: str | None, stage: str, output_dir: Path, weighted: bool, ste
           files: tuple[Path, ...]) -> None:
     """Submit FILES as one job of STAGE to the broker and wait for it.
 
-    Exit status: 0 all files done, 2 some failed (listed with reasons), 1 the
-    job could not run (bad input, no broker, too few workers).
+    Exit status: 0 every output verified complete on disk; 1 an error (bad
+    input, an output directory that is not writable, no broker, too few
+    workers); 2 some files failed (listed with reasons); 3 the job was
+    cancelled (by whom is said); 130 interrupted.
     """
     from virnucpro.client.embed import embed as run_embed
 
@@ -299,9 +301,11 @@ def predict(input_fasta: Path, output_dir: Path, expected_length: int, model_pat
 
     INPUT.fasta is FASTA or FASTQ (qualities are ignored), plain or gzipped.
     Writes OUT/prediction_results.txt and OUT/prediction_results_highestscore.csv.
-    Exit status: 0 done; 2 some files failed (OUT/failed_files.txt lists them,
-    and the predictions cover the rest); 1 error; 130 interrupted. After an
-    interruption or a failure, rerun the same command with --resume.
+    Exit status: 0 every output verified complete on disk; 1 error; 2 some
+    files failed (listed with reasons at the end and in OUT/failed_files.txt;
+    the predictions cover the rest); 3 a job was cancelled (by whom is said);
+    130 interrupted. After an interruption or a failure, rerun the same
+    command with --resume.
     """
     try:
         from virnucpro.client.predict import PredictOptions

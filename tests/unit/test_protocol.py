@@ -68,7 +68,7 @@ def test_well_formed_messages_round_trip(kind, fields):
         (msgpack.packb({"v": 1, "type": "add", "job": "j", "first": 0, "files": []}), "list of 1 to"),
         (msgpack.packb({"v": 1, "type": "add", "job": "j", "first": -1, "files": [SPEC]}), "field 'first'"),
         (msgpack.packb({"v": 1, "type": "add", "job": "j", "first": 0, "files": [{**SPEC, "inputs": []}]}),
-         "must have exactly the keys path, output, sequences, residues \\(and perhaps paired\\)"),
+         "must have exactly the keys path, output, sequences, residues \\(and perhaps paired, fingerprint\\)"),
         (msgpack.packb({"v": 1, "type": "seal", "job": "j"}), "missing field 'files'"),
         (msgpack.packb({"v": 1, "type": "submit", "stage": "classify", "output_dir": "/o", "weighted": True,
                         "steal": True, "files": [], "classifier": {"path": "/m.pth", "sha256": "AB" * 32}}),

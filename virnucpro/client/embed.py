@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +19,19 @@ from rich.table import Table
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
 from broker.paths import output_dir_problem
-from broker.reports import failure_reasons, living_workers
+from broker.reports import failure_lines, living_workers
 from broker.security import SecurityError
 from virnucpro.atomic import write_text_atomically
 from virnucpro.client.jobs import JobLost, JobRun
 from virnucpro.client.progress import StageProgress
+from virnucpro.fingerprint import fingerprint
 from virnucpro.pipeline.fasta import FastaError, fasta_stats
 from virnucpro.stages import is_complete, output_path
 from virnucpro.transfer.fileserver import FileServer, TransferSetupError, start_file_server, sweep
 
-EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 2
+# 0: every output verified complete on disk; 1: an error stopped the job; 2: some files failed (listed with
+# their reasons); 3: the job was cancelled (by whom is said).
+EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_CANCELLED = 0, 1, 2, 3
 POLL_SECONDS = 0.25
 
 
@@ -57,7 +62,7 @@ def plan_job(stage: str, files: Sequence[str | Path], output_dir: str | Path) ->
     problem = output_dir_problem(str(output_dir))
     if problem:
         raise EmbedError(problem)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(output_dir)
     plan = Plan(stage=stage, output_dir=output_dir, swept=sweep(output_dir))
     seen: dict[Path, Path] = {}
     for file in files:
@@ -69,10 +74,28 @@ def plan_job(stage: str, files: Sequence[str | Path], output_dir: str | Path) ->
         if is_complete(output):
             plan.skipped.append(str(path))
             continue
+        before = os.stat(path)  # measured before reading: a change while it is read shows at the worker
         stats = fasta_stats(path)
-        plan.todo.append({"path": str(path), "output": str(output),
-                          "sequences": stats.sequences, "residues": stats.residues})
+        plan.todo.append({"path": str(path), "output": str(output), "sequences": stats.sequences,
+                          "residues": stats.residues,
+                          "fingerprint": fingerprint(before, stats.sequences)})
     return plan
+
+
+def check_writable(directory: Path) -> None:
+    """Make `directory` if need be; EmbedError naming it unless this process can create a file in it.
+
+    Checked before anything is submitted: the workers of one user's cluster
+    write there as this user does, and a directory nobody may write in would
+    otherwise fail every file on every worker.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise EmbedError(f"{directory}: the output directory is not writable ({exc.strerror or exc}); choose "
+                         "another with -o, or make it writable") from None
 
 
 def wait_for_workers(client: BrokerClient, stage: str, count: int, timeout: float, console: Console) -> None:
@@ -107,10 +130,12 @@ def run_job(
     transfer: str = "auto",
     transfer_address: str | None = None,
     backup: bool = True,
+    timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Submit the plan (in chunks), show progress until it ends, and return the broker's report.
 
-    `backup`: with `steal`, let idle workers run backup copies of straggling files.
+    `backup`: with `steal`, let idle workers run backup copies of straggling files. `timeout`: the longest
+    wait, in seconds, for a broker that went silent.
 
     If the broker restarts mid-job (it forgets the job), what is still
     missing on disk is submitted again. Unless `transfer` is "never", a file
@@ -119,9 +144,7 @@ def run_job(
     """
     with file_server(client, plan.output_dir, transfer, transfer_address) as server:
         run = JobRun(client, plan.stage, plan.output_dir, weighted=weighted, steal=steal, backup=backup, server=server,
-                     on_resubmit=lambda job: console.print(f"[yellow]the broker lost the {plan.stage} job "
-                                                           f"(restarted?); submitted what is not done yet as {job}"
-                                                           "[/yellow]"))
+                     on_resubmit=resubmit_notice(console, plan.stage), timeout=timeout)
         try:
             run.submit(plan.todo)
             with StageProgress(console) as progress:
@@ -136,6 +159,20 @@ def run_job(
         if server is not None and server.summary():
             console.print(server.summary(), markup=False)
         return run.report
+
+
+def resubmit_notice(console: Console, stage: str) -> Callable[[str | None], None]:
+    """What a JobRun calls when the broker lost its job: say what became of it."""
+
+    def notice(job: str | None) -> None:
+        if job is None:
+            console.print(f"[yellow]the broker lost the {stage} job (restarted?); every output is complete on disk, "
+                          "so the job is finished here[/yellow]")
+        else:
+            console.print(f"[yellow]the broker lost the {stage} job (restarted?); submitted what is not done yet as "
+                          f"{job}[/yellow]")
+
+    return notice
 
 
 @contextmanager
@@ -172,6 +209,36 @@ def worker_table(report: dict[str, Any], title: str) -> Table:
                       str(row["stolen_files"]), f"{row['residues']:,}", f"{row['busy_seconds']:.1f}",
                       f"{row['residues_per_s']:,.0f}")
     return table
+
+
+def unverified(plan: Plan, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """A failure, in the report's form, for each file that did not fail but lacks a complete output on disk.
+
+    What the broker counts done is checked here: a worker that said `done`
+    without writing, or an output removed or damaged since, is not done.
+    """
+    failed = {failure["file"] for failure in report.get("failures", [])}
+    return [{"file": spec["path"], "attempts": [{
+        "worker": "client", "reason": f"the job ended without this file failing, but {spec['output']} is not a "
+                                      "complete output on disk"}]}
+            for spec in plan.todo if spec["path"] not in failed and not is_complete(spec["output"])]
+
+
+def print_failures(console: Console, failures: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """The failed files, each with the reason of every attempt, one per line and never wrapped."""
+    if not failures:
+        return
+    console.print(f"[red]{len(failures)} files failed[/red]; the reason of each attempt:")
+    for file, reasons in failures:
+        console.print(f"  {file}", markup=False, soft_wrap=True)
+        for reason in reasons:
+            console.print(f"      {' '.join(reason.split())}", markup=False, soft_wrap=True)
+
+
+def cancelled_line(stage: str, report: dict[str, Any], missing: int, files: int) -> str:
+    """What a client says of a job that was cancelled, and by whom."""
+    return (f"the {stage} job {report['job']} was cancelled by {report.get('cancelled_by') or 'an unknown client'}; "
+            f"{missing} of {files} outputs are missing; rerun the same command to finish them")
 
 
 def summary_line(report: dict[str, Any]) -> str:
@@ -235,8 +302,8 @@ def embed(
             with BrokerClient(address, insecure=insecure) as client:
                 wait_for_workers(client, stage, min_workers, timeout, console)
                 report = run_job(client, plan, weighted=weighted, steal=steal, backup=backup, console=console, transfer=transfer,
-                                 transfer_address=transfer_address)
-        except (BrokerUnreachable, BrokerError, EmbedError, JobLost, SecurityError) as exc:
+                                 transfer_address=transfer_address, timeout=timeout)
+        except (BrokerUnreachable, BrokerError, EmbedError, JobLost, SecurityError, OSError) as exc:
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             return EXIT_ERROR
         except KeyboardInterrupt:
@@ -244,10 +311,20 @@ def embed(
             return 130
         console.print(worker_table(report, f"{stage}: per-worker throughput"))
         console.print(summary_line(report))
+        if report.get("finished_here"):
+            console.print(report["finished_here"], markup=False)
+        if report["state"] == "cancelled":
+            missing = sum(not is_complete(spec["output"]) for spec in plan.todo)
+            path = write_report(plan, report, address)
+            console.print(f"[red]cancelled:[/red] {escape(cancelled_line(stage, report, missing, len(plan.todo)))}")
+            console.print(f"report: {path}")
+            return EXIT_CANCELLED
+        lacking = unverified(plan, report)
+        if lacking:
+            report = {**report, "failures": report["failures"] + lacking, "done": report["done"] - len(lacking),
+                      "failed": report["failed"] + len(lacking)}
     path = write_report(plan, report, address)
     failures = (report or {}).get("failures", [])
-    for failure in failures:
-        reasons = failure_reasons(failure)
-        console.print(f"[red]failed:[/red] {escape(failure['file'])} ({escape(reasons)})")
+    print_failures(console, [(failure["file"], failure_lines(failure)) for failure in failures])
     console.print(f"report: {path}")
     return EXIT_PARTIAL if failures else EXIT_OK

@@ -6,7 +6,11 @@ each naming the index its first file takes, so a chunk sent again after a
 lost reply is recognised rather than added twice. An open job takes more
 files by `add` until `seal`. If the broker forgets the job (it restarted),
 every file sent so far whose output is not complete on disk is submitted
-again as a new job, open or sealed as the old one was. With a file server
+again as a new job, open or sealed as the old one was; a sealed job with
+nothing left to do is finished here instead, with a report that says so.
+While the broker is silent, the client waits for it, pausing longer after
+each failed try (broker.client.reconnect_waits), for at most `timeout`
+seconds in all since it was last heard. With a file server
 (virnucpro.transfer), each submission's files are offered to it in the
 job's order, added ones too, so that a worker that cannot see this
 machine's files fetches task k's input by its index.
@@ -14,6 +18,10 @@ machine's files fetches task k's input by its index.
 
 from __future__ import annotations
 
+import getpass
+import os
+import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +33,23 @@ from broker.reports import failure_reasons
 from virnucpro.stages import is_complete
 from virnucpro.transfer.fileserver import FileServer
 
+# Resubmissions in a row that the broker lost before it had taken the whole job: a broker that keeps
+# forgetting jobs as they arrive, not one that restarted.
 MAX_RESUBMITS = 10
-# A request that may be repeated unchanged is sent this many times before the broker counts as gone: a
-# broker busy with a burst of results may answer one late.
-UNANSWERED_TRIES = 3
+
+
+def client_description() -> str:
+    """How this client names itself to the broker when it cancels a job: user@host pid N."""
+    try:
+        user = getpass.getuser()
+    except OSError:  # no name for this user id (a container, say)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
 
 
 class JobLost(RuntimeError):
-    """The broker lost the job more often than MAX_RESUBMITS; the message names the broker."""
+    """The broker lost the job MAX_RESUBMITS times in a row while it was being submitted; the message names the
+    broker."""
 
 
 @dataclass
@@ -52,15 +69,17 @@ class JobRun:
     """A job of one stage: submitted, perhaps fed more files, sealed, polled until the broker reports it ended.
 
     `backup`: with `steal`, idle workers may run backup copies of straggling
-    files. `on_resubmit(job)` is called with the new job id whenever the broker lost
-    the job and it was submitted again; `classifier` ({"path", "sha256"}) is
+    files. `on_resubmit(job)` is called whenever the broker lost the job,
+    with the new job's id, or None if every output was complete and the job
+    was finished here; `timeout` is the longest wait for a silent broker, in
+    seconds since it last answered; `classifier` ({"path", "sha256"}) is
     a classify job's; `server` serves the job's files to workers that cannot
     see them.
     """
 
     def __init__(self, client: BrokerClient, stage: str, output_dir: Path, *, weighted: bool, steal: bool,
                  backup: bool = True, classifier: dict[str, str] | None = None, server: FileServer | None = None,
-                 on_resubmit: Callable[[str], None] | None = None) -> None:
+                 on_resubmit: Callable[[str | None], None] | None = None, timeout: float = 600.0) -> None:
         self.client = client
         self.stage = stage
         self.output_dir = output_dir
@@ -70,6 +89,8 @@ class JobRun:
         self.classifier = classifier
         self.server = server
         self.on_resubmit = on_resubmit
+        self.timeout = timeout
+        self.submitted = time.monotonic()
         self.files: list[dict[str, Any]] = []  # every file sent, in order
         self.amount = 0  # their summed cost
         self.sealed = False
@@ -79,7 +100,7 @@ class JobRun:
         self._sent = 0  # files the current job id holds
         self._offer: dict[str, Any] | None = None  # the current job's `transfer`, with a file server
         self._state: dict[str, Any] | None = None
-        self._resubmits = 0
+        self._resubmits = 0  # in a row, since the broker last took a whole submission
 
     # ------------------------------------------------------------ feeding
 
@@ -115,27 +136,47 @@ class JobRun:
         """Ask the broker to cancel the job, if it is running; silent if the broker cannot be reached."""
         if self.job and self.report is None:
             try:
-                self.client.request("cancel", job=self.job, timeout=2.0)
+                self.client.request("cancel", job=self.job, by=client_description(), timeout=2.0)
             except (BrokerError, BrokerUnreachable):
                 pass
 
     def _submit(self, files: list[dict[str, Any]]) -> None:
-        """Submit `files` as a new job (in chunks); if the broker loses it meanwhile, submit what is left again."""
+        """Submit `files` as a new job (in chunks); if the broker loses it meanwhile, submit what is left again.
+
+        A sealed job whose files are all complete already is finished here.
+        """
         while True:
+            if not files and self.sealed and self.files:
+                self._finish_here()
+                return
             try:
                 self._submit_once(files)
+                self._resubmits = 0  # the broker took the whole job: whatever restarted it, it is back
                 return
             except BrokerError as exc:
                 if exc.code is not ErrorCode.UNKNOWN_JOB:
                     raise
             files = self._before_resubmit()
 
+    def _finish_here(self) -> None:
+        """End the job without the broker: every file's output is complete on disk (the broker forgot the job)."""
+        finished = time.monotonic()
+        self._state = {"progress": {"files": 0, "done": 0, "failed": 0, "residues": 0, "residues_done": 0,
+                                    "eta_seconds": 0.0}}
+        self.report = {
+            "job": self.job, "stage": self.stage, "state": "finished", "files": len(self.files),
+            "done": len(self.files), "failed": 0, "steals": 0, "backups": 0, "backups_won": 0, "wasted_seconds": 0.0,
+            "makespan": finished - self.submitted, "lower_bound": None, "failures": [], "workers": [],
+            "finished_here": "the broker forgot the job after every output was complete on disk; the client "
+                             "checked each one and finished the job itself",
+        }
+
     def _submit_once(self, files: list[dict[str, Any]]) -> None:
         chunks = list(file_chunks(files)) or [[]]
         extra: dict[str, Any] = {"classifier": self.classifier} if self.classifier is not None else {}
         if self.server is not None:
             self._offer = extra["transfer"] = self.server.offer(files, self._also())
-        reply = self.client.request("submit", stage=self.stage, output_dir=str(self.output_dir), files=chunks[0],
+        reply = self._retried("submit", stage=self.stage, output_dir=str(self.output_dir), files=chunks[0],
                                     weighted=self.weighted, steal=self.steal, backup=self.backup,
                                     open=not self.sealed or len(chunks) > 1, **extra)
         self.job = reply["job"]
@@ -153,13 +194,23 @@ class JobRun:
         return (self.classifier["path"],) if self.classifier is not None else ()
 
     def _retried(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """The reply to a request that may be sent again unchanged (add, seal, job): a late answer is tried again."""
-        for _ in range(UNANSWERED_TRIES - 1):
+        """The reply to a request, sent again each time the broker answers after a silence.
+
+        Add, seal and job may be sent again unchanged; a submit whose reply
+        was lost leaves an extra job whose outputs are the same files'. The
+        broker's silence may last `timeout` seconds in all; then
+        BrokerUnreachable says for how long it was silent.
+        """
+        silent_since: float | None = None
+        while True:
             try:
                 return self.client.request(kind, **fields)
             except BrokerUnreachable:
-                continue
-        return self.client.request(kind, **fields)
+                if silent_since is None:
+                    silent_since = time.monotonic() - self.client.timeout  # the request waited that long
+                elif time.monotonic() - silent_since >= self.timeout:
+                    raise  # the broker answers `status` but not this request
+                self.client.wait_until_up(self.timeout, since=silent_since)
 
     def _call(self, kind: str, **fields: Any) -> dict[str, Any] | None:
         """The broker's reply, or None if it had lost the job and the job was submitted again instead."""
@@ -170,16 +221,16 @@ class JobRun:
                 raise
         self._submit(self._before_resubmit())
         if self.on_resubmit is not None:
-            self.on_resubmit(self.job)
+            self.on_resubmit(None if self.report is not None and "finished_here" in self.report else self.job)
         return None
 
     def _before_resubmit(self) -> list[dict[str, Any]]:
         """Wait for the broker to answer again; the files sent so far whose outputs are not complete."""
         self._resubmits += 1
         if self._resubmits > MAX_RESUBMITS:
-            raise JobLost(f"the broker at {self.client.address} lost the {self.stage} job {MAX_RESUBMITS} times; "
-                          "giving up")
-        self.client.wait_until_up(self.client.timeout * 6)
+            raise JobLost(f"the broker at {self.client.address} lost the {self.stage} job {MAX_RESUBMITS} times in a "
+                          "row, each time before it had taken all its files; giving up")
+        self.client.wait_until_up(self.timeout)
         sha256 = self.classifier["sha256"] if self.classifier is not None else None
         return [f for f in self.files if not is_complete(f["output"], sha256)]
 

@@ -26,14 +26,19 @@ from rich.markup import escape
 
 from broker.client import BrokerClient, BrokerError, BrokerUnreachable
 from virnucpro.client.embed import (
+    EXIT_CANCELLED,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_PARTIAL,
     POLL_SECONDS,
     EmbedError,
     Plan,
+    cancelled_line,
+    check_writable,
     file_server,
     make_console,
+    print_failures,
+    resubmit_notice,
     summary_line,
     wait_for_workers,
     worker_table,
@@ -65,6 +70,7 @@ from virnucpro.pipeline.features import save_features
 from virnucpro.pipeline.merge import merge_features, merged_path
 from virnucpro.pipeline.outputs import PredictionOutputs, assemble_predictions
 from virnucpro.pipeline.sequences import FilePair
+from virnucpro.stages import is_complete
 
 EXIT_INTERRUPTED = 130
 TINY_NOTICE = ("[yellow]note:[/yellow] --models tiny runs small random networks: these predictions mean nothing "
@@ -182,13 +188,9 @@ class PredictJobs:
         server = servers.enter_context(file_server(self.client, output_dir, self.options.transfer,
                                                    self.options.transfer_address))
 
-        def resubmitted(job: str) -> None:
-            self.console.print(f"[yellow]the broker lost the {stage} job (restarted?); submitted what is not done "
-                               f"yet as {job}[/yellow]")
-
         return JobRun(self.client, stage, output_dir, weighted=self.options.weighted, steal=self.options.steal,
-                      backup=self.options.backup,
-                      classifier=classifier, server=server, on_resubmit=resubmitted)
+                      backup=self.options.backup, classifier=classifier, server=server,
+                      on_resubmit=resubmit_notice(self.console, stage), timeout=self.options.timeout)
 
     def _step(self, progress: StageProgress) -> bool:
         """Poll every job once, feed the classify job, show progress; True once every job has ended."""
@@ -258,6 +260,15 @@ class PredictJobs:
             reasons.update(run.failures())
         return reasons
 
+    def cancelled(self) -> list[str]:
+        """For each job that was cancelled, what a client says of it (by whom, what is missing)."""
+        lines = []
+        for run in self.runs():
+            if run.report is not None and run.report["state"] == "cancelled":
+                missing = sum(not is_complete(spec["output"]) for spec in run.files)
+                lines.append(cancelled_line(run.stage, run.report, missing, len(run.files)))
+        return lines
+
     def job_ids(self) -> dict[str, list[str]]:
         return {run.stage: run.ids for run in self.runs()}
 
@@ -320,7 +331,8 @@ def summary(options: PredictOptions, split: Split, classifier: Classifier, times
 
 
 def predict(options: PredictOptions, console: Console | None = None) -> int:
-    """The `virnucpro predict` command; its exit code: 0 done, 2 some files failed, 1 error, 130 interrupted."""
+    """The `virnucpro predict` command; its exit code: 0 every output verified, 1 error, 2 some files failed,
+    3 a job was cancelled, 130 interrupted."""
     console = console or make_console()
     times = Times(time.monotonic())
     output_dir = options.output_dir
@@ -345,6 +357,7 @@ def predict(options: PredictOptions, console: Console | None = None) -> int:
                                    "or choose another output directory with -o")
             if options.resume and not holds_run(output_dir):
                 console.print(f"{output_dir} holds no earlier run to resume; starting a new one", markup=False)
+            check_writable(output_dir.resolve())
             try:
                 split = split_input(options, work_dir, console)
             except ValueError:
@@ -366,7 +379,10 @@ def predict(options: PredictOptions, console: Console | None = None) -> int:
             written = assemble_predictions([classify_spec(pair, work_dir)["output"] for pair in done], output_dir)
             if options.keep_features:
                 keep_features(split.pairs, work_dir, console)
-            status = EXIT_PARTIAL if rows else EXIT_OK
+            cancelled = jobs.cancelled() if jobs else []
+            for line in cancelled:
+                console.print(f"[red]cancelled:[/red] {escape(line)}")
+            status = EXIT_CANCELLED if cancelled else EXIT_PARTIAL if rows else EXIT_OK
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished outputs are kept; rerun the same command with "
                           "--resume to continue")
@@ -386,12 +402,13 @@ def predict(options: PredictOptions, console: Console | None = None) -> int:
                 except OSError as exc:
                     console.print(f"[yellow]warning:[/yellow] {escape(str(output_dir))}/summary.json could not be "
                                   f"written ({escape(exc.strerror or str(exc))})")
-    if status != EXIT_OK and status != EXIT_PARTIAL:
+    if status not in (EXIT_OK, EXIT_PARTIAL, EXIT_CANCELLED):
         return status
     assert split is not None and written is not None
     console.print(f"predictions: {written.results} ({written.frames:,} frames), "
                   f"{written.highestscore} ({written.chunks:,} chunks)", markup=False)
     if rows:
+        print_failures(console, [(f"{stage} {file}", reasons.split("; ")) for stage, file, reasons in rows])
         listing = escape(str(output_dir / FAILED_FILES_NAME))
         console.print(f"[red]{len(rows)} files failed[/red] (listed with reasons in {listing}); the predictions "
                       f"cover the {len(done)} of {len(split.pairs)} file pairs that were classified; rerun with "

@@ -26,6 +26,7 @@ from broker.protocol import ProtocolError
 from broker.security import Credentials
 from virnucpro import scratch
 from virnucpro.backends.interface import Backend, Cancelled, PairBackend
+from virnucpro.fingerprint import check_records, check_unchanged
 from virnucpro.scratch import Scratch
 from virnucpro.stages import is_complete
 from virnucpro.transfer import wire
@@ -231,8 +232,10 @@ def run_remote(assignment: dict[str, Any], output_name: str, backend: Backend | 
             else:
                 run = partial(backend.run, local_input, local_output, should_stop)
             fetched = time.monotonic()
+            check_unchanged(local_input, assignment.get("fingerprint"), copy_of=assignment["path"])
             sequences, residues = run()
             ran = time.monotonic()
+            check_records(assignment["path"], assignment.get("fingerprint"), sequences)
             if not is_complete(local_output):
                 raise TransferError(f"{output_name}: the {assignment['stage']} stage wrote no complete output")
             published = store(channel, token, task, local_output, should_stop)

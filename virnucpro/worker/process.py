@@ -40,6 +40,7 @@ from broker import protocol
 from broker.protocol import ErrorCode, ProtocolError
 from broker.security import Credentials
 from virnucpro.backends.interface import Backend, Cancelled, PairBackend
+from virnucpro.fingerprint import check_records, check_unchanged
 from virnucpro.scratch import WORK, Scratch
 from virnucpro.stages import is_complete, task_output
 from virnucpro.transfer.remote import run_remote, sees_client_files, sweep_task_directories
@@ -260,6 +261,8 @@ class Worker:
         if complete(output):
             logger.info("%s: output already complete, skipped", output)
             return {"seconds": 0.0, "sequences": 0, "residues": 0, "skipped": True}
+        fingerprint = assignment.get("fingerprint")
+        check_unchanged(assignment["path"], fingerprint)
         output.parent.mkdir(parents=True, exist_ok=True)
         # Written in a private directory beside the output, held locked: a sweep removes it only once this
         # worker is gone (virnucpro.scratch).
@@ -274,6 +277,7 @@ class Worker:
             else:
                 sequences, residues = backend.run(Path(assignment["path"]), temporary, should_stop)
             seconds = time.monotonic() - started
+            check_records(assignment["path"], fingerprint, sequences)
             first = publish(temporary, output, complete)
         logger.info("%s -> %s: %d sequences in %.2f s%s", assignment["path"], output.name, sequences, seconds,
                     "" if first else " (another copy was published first)")

@@ -32,8 +32,9 @@ REVOKED = "revoked by the broker"
 # long after: its thread is blocked where it cannot see the revoke (a read that never returns), so the worker
 # leaves service and restarts itself.
 ABANDON_GRACE = 5.0
-# What a task takes from its `assign` message; the last three come only with some.
-ASSIGNMENT_FIELDS = ("task", "job", "stage", "path", "output_dir", "output", "transfer", "paired", "classifier")
+# What a task takes from its `assign` message; the last four come only with some.
+ASSIGNMENT_FIELDS = ("task", "job", "stage", "path", "output_dir", "output", "transfer", "paired", "classifier",
+                     "fingerprint")
 
 # ----------------------------------------------------------------- events
 
