@@ -22,6 +22,7 @@ Exit status 0 when every scenario met its target, 1 otherwise.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pwd
@@ -45,7 +46,7 @@ from rich.table import Table
 from broker import protocol
 from broker.security import credentials
 from virnucpro.backends.synthetic import SyntheticBackend
-from virnucpro.client.embed import plan_job
+from virnucpro.client.embed import plan_job, run_job
 from virnucpro.client.local import LocalCluster
 from virnucpro.processes import command
 from virnucpro.stages import is_complete
@@ -222,31 +223,39 @@ def broker_kills(root: Path, kills: int = 10, files: int = 60) -> Row:
 
 
 def hung_read(root: Path, files: int = 20) -> Row:
-    """One input is a FIFO nobody writes: its read hangs. The rest must finish, and so must the next job."""
+    """One input turns into a FIFO nobody writes after submission: its read hangs on the worker. The other files
+    must finish, the hung one fail on the task timeout, and the next job run at once.
+
+    Its fingerprint would refuse the FIFO before the read (its size is 0), so the file goes in without one, as
+    from a dead network mount that still answers stat from its cache.
+    """
     row = Row("hung read (FIFO)")
-    inputs = write_inputs(root / "in", files, seed=3)
-    fifo = root / "in" / "hung.fa"
-    os.mkfifo(fifo)
+    hung, *inputs = write_inputs(root / "in", files + 1, seed=3)
     log = root / "throughput.jsonl"
     with LocalCluster(root / "logs") as cluster:
         cluster.start_broker("--throughput-log", str(log), *LEASE, "--task-timeout", "5")
         for n in range(2):
             cluster.start_worker(f"w{n}", "--synthetic-speed", str(SPEED * 2))
         cluster.wait_for_workers(2, "synthetic", timeout=60)
+        plan = plan_job("synthetic", [hung, *inputs], root / "out")
+        hung.unlink()
+        os.mkfifo(hung)
+        del next(spec for spec in plan.todo if spec["path"] == str(hung))["fingerprint"]
         started = time.monotonic()
-        code = finish(embed(cluster, [fifo, *inputs], root / "out"), timeout=120)
+        with cluster.client() as client:
+            report = run_job(client, plan, weighted=True, steal=True, console=Console(file=io.StringIO()))
         row.seconds = time.monotonic() - started
+        code = 2 if report["failures"] else 0
         after = write_inputs(root / "in-next", 10, seed=4, prefix="next")
         next_started = time.monotonic()
         next_code = finish(embed(cluster, after, root / "out-next"), timeout=120)
         next_seconds = time.monotonic() - next_started
-    check(row, [fifo, *inputs], root / "out", code, log, sick=[fifo])
-    report_path = root / "out" / "run_report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    reasons = [a["reason"] for f in report.get("failures", []) for a in f["attempts"]]
-    row.notes.append(f"FIFO failed: {reasons[0][:60] if reasons else 'not reported'}")
+    check(row, [hung, *inputs], root / "out", code, log, sick=[hung])
+    row.healthy_failed = len({f["file"] for f in report["failures"]} - {str(hung)})
+    reasons = [a["reason"] for f in report["failures"] for a in f["attempts"]]
+    row.notes.append(f"the FIFO failed: {reasons[0][:50] if reasons else 'not reported'}")
     row.notes.append(f"next job: exit {next_code} in {next_seconds:.0f} s")
-    row.passed = (code == 2 and bool(reasons) and next_code == 0
+    row.passed = (bool(reasons) and next_code == 0
                   and not (row.lost or row.corrupted or row.duplicated or row.healthy_failed))
     return row
 
