@@ -17,7 +17,7 @@ import msgpack
 from broker import fields
 from broker.fields import Check, FieldError
 
-VERSION = 1
+VERSION = 2  # 2: error codes, fingerprints, progress in heartbeats, output_dir in assign, open jobs
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "VIRNUCPRO_BROKER"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

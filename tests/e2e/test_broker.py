@@ -15,7 +15,7 @@ import zmq
 from rich.console import Console
 
 from broker.client import BrokerError
-from broker.protocol import ErrorCode
+from broker.protocol import VERSION, ErrorCode
 from broker.records import TaskDone, WorkerSummary
 from broker.security import credentials
 from tests.support.cluster import BROKER, VIRNUCPRO, cluster, free_address, kill_hard
@@ -191,11 +191,11 @@ def test_garbage_on_the_broker_port_is_dropped_and_the_next_job_runs(tmp_path):
             [b"\xc1\xc1 not msgpack"],
             [msgpack.packb([1, 2, 3])],
             [msgpack.packb({"v": 99, "type": "status"})],
-            [msgpack.packb({"v": 1, "type": "no-such-type"})],
-            [msgpack.packb({"v": 1, "type": "done", "task": 7})],
-            [msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/tmp", "files": "x",
+            [msgpack.packb({"v": VERSION, "type": "no-such-type"})],
+            [msgpack.packb({"v": VERSION, "type": "done", "task": 7})],
+            [msgpack.packb({"v": VERSION, "type": "submit", "stage": "esm", "output_dir": "/tmp", "files": "x",
                             "weighted": True, "steal": True})],
-            [msgpack.packb({"v": 1, "type": "status"}), b"extra frame"],
+            [msgpack.packb({"v": VERSION, "type": "status"}), b"extra frame"],
             [b"x" * (17 * 1024 * 1024)],
         ]
         for frames in bad_messages:

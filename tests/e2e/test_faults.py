@@ -13,6 +13,7 @@ import msgpack
 import zmq
 from rich.console import Console
 
+from broker.protocol import VERSION
 from broker.security import credentials
 from tests.e2e.test_broker import make_inputs
 from tests.support.cluster import BROKER, cluster, kill_hard
@@ -78,15 +79,15 @@ def test_every_malformed_or_refused_request_gets_an_error_reply_naming_the_probl
         ([b"\xc1\xc1 not msgpack"], "undecodable"),
         ([msgpack.packb([1, 2, 3])], "not a map"),
         ([msgpack.packb({"v": 99, "type": "status"})], "version"),
-        ([msgpack.packb({"v": 1, "type": "no-such-type"})], "unknown message type"),
-        ([msgpack.packb({"v": 1, "type": "ack"})], "sent by the broker"),
-        ([msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/tmp", "files": "x",
+        ([msgpack.packb({"v": VERSION, "type": "no-such-type"})], "unknown message type"),
+        ([msgpack.packb({"v": VERSION, "type": "ack"})], "sent by the broker"),
+        ([msgpack.packb({"v": VERSION, "type": "submit", "stage": "esm", "output_dir": "/tmp", "files": "x",
                          "weighted": True, "steal": True})], "files"),
-        ([msgpack.packb({"v": 1, "type": "status"}), b"extra frame"], "one frame"),
+        ([msgpack.packb({"v": VERSION, "type": "status"}), b"extra frame"], "one frame"),
         ([msgpack.packb([None] * 300_000)], "max_array_len"),
-        ([msgpack.packb({"v": 1, "type": "register", "name": "n" * 600, "host": "h", "gpu": "g", "device": "d",
+        ([msgpack.packb({"v": VERSION, "type": "register", "name": "n" * 600, "host": "h", "gpu": "g", "device": "d",
                          "stages": ["synthetic"], "pid": 1})], "at most 512"),
-        ([msgpack.packb({"v": 1, "type": "submit", "stage": "synthetic", "output_dir": str(tmp_path / "out"),
+        ([msgpack.packb({"v": VERSION, "type": "submit", "stage": "synthetic", "output_dir": str(tmp_path / "out"),
                          "files": [spec] * 4, "weighted": False, "steal": False})], "--max-queued-tasks"),
         ([b"x" * (17 * 1024 * 1024)], "oversized"),
     ]
@@ -107,7 +108,7 @@ def test_fifteen_hundred_registrations_with_long_names_leave_a_small_status_and_
         for i in range(1500):  # each from its own connection, registered once and never heard from again
             name = f"{i:04d}" + "n" * 508
             registered = request_raw(c.address, [msgpack.packb({
-                "v": 1, "type": "register", "name": name, "host": "h" * 512, "gpu": "g" * 512, "device": "d" * 512,
+                "v": VERSION, "type": "register", "name": name, "host": "h" * 512, "gpu": "g" * 512, "device": "d" * 512,
                 "stages": ["synthetic"], "pid": i})])
             assert registered is not None and registered["type"] == "registered"
         c.add_worker("real", 20000)
@@ -115,7 +116,7 @@ def test_fifteen_hundred_registrations_with_long_names_leave_a_small_status_and_
         while (summary := c.status()["summary"])["workers"] < 1501:
             assert time.monotonic() < deadline, summary
             time.sleep(0.2)
-        reply = request_raw(c.address, [msgpack.packb({"v": 1, "type": "status"})])
+        reply = request_raw(c.address, [msgpack.packb({"v": VERSION, "type": "status"})])
         size = len(msgpack.packb(reply))
         result = c.embed(tmp_path / "out", files)
         every = subprocess.run([BROKER, "status", "--broker", c.address, "--all", "--json"], capture_output=True,

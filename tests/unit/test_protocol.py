@@ -4,7 +4,7 @@ import msgpack
 import pytest
 
 from broker import protocol
-from broker.protocol import ErrorCode, ProtocolError, decode, encode, file_chunks
+from broker.protocol import VERSION, ErrorCode, ProtocolError, decode, encode, file_chunks
 from broker.server import check_classifier, check_paths
 
 SPEC = {"path": "/data/a.fa", "output": "/out/a.json", "sequences": 3, "residues": 300}
@@ -50,31 +50,31 @@ def test_well_formed_messages_round_trip(kind, fields):
     [
         (b"\xc1garbage", "undecodable"),
         (msgpack.packb([1, 2]), "not a map"),
-        (msgpack.packb({"v": 2, "type": "status"}), "unknown protocol version"),
-        (msgpack.packb({"v": 1, "type": "launch"}), "unknown message type"),
-        (msgpack.packb({"v": 1, "type": "failed", "task": "t"}), "missing field 'reason'"),
-        (msgpack.packb({"v": 1, "type": "status", "extra": 1}), "unexpected fields"),
-        (msgpack.packb({"v": 1, "type": "done", "task": "t", "seconds": -1.0, "sequences": 1, "residues": 1,
+        (msgpack.packb({"v": VERSION + 1, "type": "status"}), "unknown protocol version"),
+        (msgpack.packb({"v": VERSION, "type": "launch"}), "unknown message type"),
+        (msgpack.packb({"v": VERSION, "type": "failed", "task": "t"}), "missing field 'reason'"),
+        (msgpack.packb({"v": VERSION, "type": "status", "extra": 1}), "unexpected fields"),
+        (msgpack.packb({"v": VERSION, "type": "done", "task": "t", "seconds": -1.0, "sequences": 1, "residues": 1,
                         "skipped": False}), "bad value for field 'seconds'"),
-        (msgpack.packb({"v": 1, "type": "done", "task": "t", "seconds": float("nan"), "sequences": 1,
+        (msgpack.packb({"v": VERSION, "type": "done", "task": "t", "seconds": float("nan"), "sequences": 1,
                         "residues": 1, "skipped": False}), "bad value for field 'seconds'"),
-        (msgpack.packb({"v": 1, "type": "register", "name": "w", "host": "h", "gpu": "g", "device": "cpu",
+        (msgpack.packb({"v": VERSION, "type": "register", "name": "w", "host": "h", "gpu": "g", "device": "cpu",
                         "stages": ["training"], "pid": 1}), "bad value for field 'stages'"),
-        (msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
+        (msgpack.packb({"v": VERSION, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
                         "steal": True, "files": [{**SPEC, "residues": True}]}), "bad value for field 'files'"),
-        (msgpack.packb({"v": 1, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
+        (msgpack.packb({"v": VERSION, "type": "submit", "stage": "esm", "output_dir": "/o", "weighted": True,
                         "steal": True, "backup": "no", "files": [SPEC]}), "bad value for field 'backup'"),
-        (msgpack.packb({"v": 1, "type": "job", "job": "x" * 5000}), "bad value for field 'job'"),
-        (msgpack.packb({"v": 1, "type": "add", "job": "j", "first": 0, "files": []}), "list of 1 to"),
-        (msgpack.packb({"v": 1, "type": "add", "job": "j", "first": -1, "files": [SPEC]}), "field 'first'"),
-        (msgpack.packb({"v": 1, "type": "add", "job": "j", "first": 0, "files": [{**SPEC, "inputs": []}]}),
+        (msgpack.packb({"v": VERSION, "type": "job", "job": "x" * 5000}), "bad value for field 'job'"),
+        (msgpack.packb({"v": VERSION, "type": "add", "job": "j", "first": 0, "files": []}), "list of 1 to"),
+        (msgpack.packb({"v": VERSION, "type": "add", "job": "j", "first": -1, "files": [SPEC]}), "field 'first'"),
+        (msgpack.packb({"v": VERSION, "type": "add", "job": "j", "first": 0, "files": [{**SPEC, "inputs": []}]}),
          "must have exactly the keys path, output, sequences, residues \\(and perhaps paired, fingerprint\\)"),
-        (msgpack.packb({"v": 1, "type": "seal", "job": "j"}), "missing field 'files'"),
-        (msgpack.packb({"v": 1, "type": "submit", "stage": "classify", "output_dir": "/o", "weighted": True,
+        (msgpack.packb({"v": VERSION, "type": "seal", "job": "j"}), "missing field 'files'"),
+        (msgpack.packb({"v": VERSION, "type": "submit", "stage": "classify", "output_dir": "/o", "weighted": True,
                         "steal": True, "files": [], "classifier": {"path": "/m.pth", "sha256": "AB" * 32}}),
          "SHA-256 digest: 64 lower-case hexadecimal digits"),
-        (msgpack.packb({"v": 1, "type": "error", "reason": "unknown job 'j'"}), "missing field 'code'"),
-        (msgpack.packb({"v": 1, "type": "error", "code": "unknown job", "reason": "r"}), "bad value for field 'code'"),
+        (msgpack.packb({"v": VERSION, "type": "error", "reason": "unknown job 'j'"}), "missing field 'code'"),
+        (msgpack.packb({"v": VERSION, "type": "error", "code": "unknown job", "reason": "r"}), "bad value for field 'code'"),
         (b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "oversized"),
     ],
 )
