@@ -193,8 +193,9 @@ def worker_kill_storm(root: Path, kills: int = 50, files: int = 120) -> Row:
 
 
 def broker_kills(root: Path, kills: int = 10, files: int = 60) -> Row:
-    """2 workers; the broker is killed with SIGKILL every 2 to 4 s and started again on its address."""
+    """2 workers; the broker is killed with SIGKILL every 1.5 to 3 s and started again on its address."""
     row = Row("broker kills")
+    slow = str(SPEED / 2)  # 60 files take about a minute: time for every kill
     inputs = write_inputs(root / "in", files, seed=2)
     log = root / "throughput.jsonl"
     rng = random.Random(2)
@@ -202,12 +203,12 @@ def broker_kills(root: Path, kills: int = 10, files: int = 60) -> Row:
     with LocalCluster(root / "logs") as cluster:
         cluster.start_broker("--throughput-log", str(log), *LEASE)
         for n in range(2):
-            cluster.start_worker(f"w{n}", "--synthetic-speed", str(SPEED * 4), "--broker-timeout", "2")
+            cluster.start_worker(f"w{n}", "--synthetic-speed", slow, "--broker-timeout", "2")
         cluster.wait_for_workers(2, "synthetic", timeout=60)
         started = time.monotonic()
         process = embed(cluster, inputs, root / "out", "--timeout", "120")
         while killed < kills and process.poll() is None:
-            time.sleep(rng.uniform(2.0, 4.0))
+            time.sleep(rng.uniform(1.5, 3.0))
             assert cluster.broker is not None
             cluster.broker.process.send_signal(signal.SIGKILL)
             cluster.broker.process.wait()
@@ -379,10 +380,10 @@ def _send_garbage(context: zmq.Context, keys, address: str, count: int, rng: ran
 
 
 def _fake_registrations(context: zmq.Context, keys, address: str, count: int) -> None:
-    """`count` workers that register with long names and are never heard of again (batches of 250 sockets)."""
-    for start in range(0, count, 250):
+    """`count` workers that register with long names and are never heard of again (batches of 100 sockets)."""
+    for start in range(0, count, 100):
         sockets = []
-        for n in range(start, min(count, start + 250)):
+        for n in range(start, min(count, start + 100)):
             socket = context.socket(zmq.DEALER)
             keys.apply(socket)
             socket.setsockopt(zmq.LINGER, 2000)

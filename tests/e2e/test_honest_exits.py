@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 
 from broker import protocol
@@ -16,6 +18,7 @@ from broker.security import credentials
 from tests.e2e.test_broker import make_inputs
 from tests.support.cluster import VIRNUCPRO, Cluster, cluster, kill_hard
 from tests.support.fasta import write_fasta
+from virnucpro.stages import is_complete
 
 
 def restart_broker(c: Cluster) -> None:
@@ -218,3 +221,29 @@ def test_predict_into_an_unwritable_output_directory_exits_1_naming_it(tmp_path)
     assert result.returncode == 1
     assert f"{out}" in one_line(result.stderr) and "not writable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An output directory on a 64 KiB tmpfs, which a few outputs fill."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    out = tmp_path / "small"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], check=True)
+    yield out
+    subprocess.run(["umount", "-l", str(out)], check=False)
+
+
+def test_a_disk_that_fills_mid_job_gives_every_reason_and_no_traceback_and_never_exit_0(tmp_path, small_disk):
+    files = make_inputs(tmp_path / "in", [4000] * 30)
+    with cluster(tmp_path) as c:
+        c.add_worker("a", 40000)
+        c.wait_for_workers(1)
+        result = c.embed(small_disk, files)
+    assert result.returncode == 2, result.stderr
+    assert "No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr
+    written = [p for p in small_disk.glob("*_synthetic.json")]
+    assert 0 < len(written) < len(files)
+    assert all(is_complete(p) for p in written)

@@ -315,16 +315,27 @@ def embed(
             console.print(report["finished_here"], markup=False)
         if report["state"] == "cancelled":
             missing = sum(not is_complete(spec["output"]) for spec in plan.todo)
-            path = write_report(plan, report, address)
             console.print(f"[red]cancelled:[/red] {escape(cancelled_line(stage, report, missing, len(plan.todo)))}")
-            console.print(f"report: {path}")
+            report_written(plan, report, address, console)
             return EXIT_CANCELLED
         lacking = unverified(plan, report)
         if lacking:
             report = {**report, "failures": report["failures"] + lacking, "done": report["done"] - len(lacking),
                       "failed": report["failed"] + len(lacking)}
-    path = write_report(plan, report, address)
     failures = (report or {}).get("failures", [])
     print_failures(console, [(failure["file"], failure_lines(failure)) for failure in failures])
+    written = report_written(plan, report, address, console)
+    return EXIT_PARTIAL if failures else EXIT_OK if written else EXIT_ERROR
+
+
+def report_written(plan: Plan, report: dict[str, Any] | None, address: str, console: Console) -> bool:
+    """Write run_report.json and say where; if it cannot be written (a full disk), say why instead."""
+    try:
+        path = write_report(plan, report, address)
+    except OSError as exc:
+        console.print(f"[red]error:[/red] {escape(str(plan.output_dir / 'run_report.json'))} could not be written "
+                      f"({escape(exc.strerror or str(exc))}); free space or fix the directory, then rerun the same "
+                      "command: complete outputs are kept")
+        return False
     console.print(f"report: {path}")
-    return EXIT_PARTIAL if failures else EXIT_OK
+    return True
