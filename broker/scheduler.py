@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -96,6 +97,8 @@ OVERDUE_MARGIN = 60.0
 DEAF_SHARE = 0.5
 # Ended jobs kept for status and late results; older ones are forgotten so a long-lived broker stays small.
 KEEP_ENDED_JOBS = 100
+# How many recent deaths are remembered to tell deaths that come together (the machines) from a file's.
+RECENT_DEATHS = 256
 # Without --task-timeout: a model stage's file may show no progress for this long before it fails on its worker;
 # a synthetic file (no model: a stand-in whose time is known) for this many times its predicted time, at least
 # MIN_SYNTHETIC_TIMEOUT seconds (its progress is seen only at heartbeats).
@@ -157,6 +160,8 @@ class Scheduler:
         self.task_timeout = task_timeout  # None: per stage (MODEL_TASK_TIMEOUT, or from the synthetic prediction)
         self.max_attempts = max_attempts
         self.max_deaths = max_deaths
+        # When recent workers died (or left), newest last: deaths that come together are not a file's fault.
+        self._recent_deaths: deque[tuple[float, str]] = deque(maxlen=RECENT_DEATHS)
         self.max_job_files = max_job_files
         self.workers: dict[str, Worker] = {}
         self.jobs: dict[str, Job] = {}
@@ -656,8 +661,21 @@ class Scheduler:
         self._distribute([task], now, weights_from="speed")
         return [Notice(f"{task.spec.path} failed on {worker.name} ({reason}); queued for another worker")]
 
-    def _died_running(self, task: Task, worker: Worker, reason: str, now: float) -> list[Instruction]:
-        """`worker` died (or left) while running `task`: a death, counted apart from the file's attempts."""
+    def _died_running(self, task: Task, worker: Worker, reason: str, now: float, since: float) -> list[Instruction]:
+        """`worker` died (or left) while running `task` (since `since`): a death, counted apart from its attempts.
+
+        A death counts against the file only if no other worker was found dead while the file ran there: deaths
+        that come together (a node lost, jobs preempted, a kill storm) say something about the machines, not the
+        file, which a file that kills its workers does alone, one worker after another. Each death is listed.
+        """
+        others = sum(1 for at, other in self._recent_deaths if at > since and other != worker.id)
+        if others:
+            task.deaths += ({"worker": worker.name,
+                             "reason": f"{reason} (not counted: {others} other workers died meanwhile)"},)
+            if task.running_on:
+                return []
+            self._distribute([task], now, weights_from="speed")
+            return [Notice(f"{task.spec.path}: {reason}, beside {others} other deaths; queued again")]
         task.deaths += ({"worker": worker.name, "reason": reason},)
         task.died_on |= {worker.id}
         if task.running_on:
@@ -784,6 +802,7 @@ class Scheduler:
         is still accepted.
         """
         out: list[Instruction] = []
+        since = worker.running_since
         running = self._end_copy(worker, now) if worker.running is not None else None
         self._set_alive(worker, False)
         # A pooled file that failed on every other capable worker may now go back to a waiting one.
@@ -799,7 +818,9 @@ class Scheduler:
                     if not running.running_on:
                         self._distribute([running], now, weights_from="speed")
                 else:
-                    out += self._died_running(running, worker, reason, now)
+                    out += self._died_running(running, worker, reason, now, since)
+        if reason is not None:
+            self._recent_deaths.append((now, worker.id))
         return out
 
     def _on_submitted(self, event: JobSubmitted) -> list[Instruction]:
