@@ -52,7 +52,7 @@ bench: install $(VENV)/.bench-installed
 	$(PY) tools/bench_correction.py --json bench-results/correction.json --throughput-log bench-results/correction.jsonl
 	$(PY) tools/plot_timeline.py bench-results/correction.jsonl -o bench-results/timeline.png
 	$(PY) tools/bench_overhead.py --json bench-results/overhead.json
-	$(PY) tools/chaos.py --json bench-results/chaos.json
+	$(PY) tools/chaos.py --json bench-results/chaos.json --markdown bench-results/chaos.md
 	$(PY) tools/bench_refine_loop.py --json bench-results/refine_loop.json
 	$(PY) tools/bench_pipeline.py --pairs 3 --processes 1,2 --json bench-results/pipeline.json
 	$(PY) tools/bench_transfer.py --json bench-results/transfer.json

@@ -468,11 +468,22 @@ def table(rows: Sequence[Row]) -> Table:
     return out
 
 
+def markdown(rows: Sequence[Row]) -> str:
+    """The table as Markdown, for the README's reliability section."""
+    lines = ["| scenario | files | lost | corrupted | duplicated | healthy failed | exit | seconds | target met | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.scenario} | {r.files} | {r.lost} | {r.corrupted} | {r.duplicated} | {r.healthy_failed} | "
+              f"{r.exit} | {r.seconds:.0f} | {'yes' if r.passed else '**no**'} | {'; '.join(r.notes)} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 @click.command()
 @click.option("--only", multiple=True, type=click.Choice(list(SCENARIOS)), help="Run only these scenarios.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the rows as JSON.")
-def main(only: tuple[str, ...], json_path: Path | None) -> None:
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table as Markdown.")
+def main(only: tuple[str, ...], json_path: Path | None, markdown_path: Path | None) -> None:
     """Run every fault scenario against real processes and print what survived (exit 1 if a target was missed)."""
     console = Console(width=200)
     rows = []
@@ -488,6 +499,8 @@ def main(only: tuple[str, ...], json_path: Path | None) -> None:
     console.print(table(rows))
     if json_path is not None:
         json_path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    if markdown_path is not None:
+        markdown_path.write_text(markdown(rows))
     raise SystemExit(0 if all(r.passed for r in rows) else 1)
 
 
