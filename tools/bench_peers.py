@@ -48,6 +48,7 @@ from simulate import ESM_4090_SECONDS, FILE_RESIDUES, sample_costs
 
 from broker import protocol
 from broker.reports import makespan_lower_bound
+from broker.security import serve_securely, user_key_pair
 from broker.simulator import SimJob, SimWorker, pull_queue_makespan, simulate
 from virnucpro.backends.synthetic import SyntheticBackend
 from virnucpro.client.embed import plan_job, run_job
@@ -207,8 +208,9 @@ class PullQueue:
     asked for work, and times the job from that moment to the last `done`.
     """
 
-    def __init__(self, files: list[dict[str, Any]], expected: int) -> None:
+    def __init__(self, files: list[dict[str, Any]], expected: int, output_dir: Path) -> None:
         self.todo = sorted(files, key=lambda f: (-f["residues"], f["path"]))
+        self.output_dir = str(output_dir)
         self.expected = expected
         self.address = free_loopback_address()
         self.started = 0.0
@@ -217,6 +219,9 @@ class PullQueue:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # The workers connect with the user's own key, as to a broker started here: serve with it too.
+        keys = user_key_pair()
+        self._authenticator = serve_securely(self._context, self._socket, keys, [keys.name])
         self._socket.bind(self.address)
 
     def serve(self, stop: threading.Event) -> None:
@@ -253,9 +258,10 @@ class PullQueue:
                     worker, spec = idle.pop(0), self.todo.pop(0)
                     running[worker] = spec["path"]
                     self._send(worker, "assign", task=spec["path"], job="pull", stage="synthetic",
-                               path=spec["path"], output=spec["output"])
+                               path=spec["path"], output_dir=self.output_dir, output=spec["output"])
         finally:
             self._socket.close(0)
+            self._authenticator.stop()
             self._context.term()
 
     def _send(self, identity: bytes, kind: str, **fields: Any) -> None:
@@ -264,7 +270,7 @@ class PullQueue:
 
 def run_pull_queue(case: Case, files: list[Path], root: Path) -> Run:
     plan = plan_job("synthetic", files, root / "out")
-    server = PullQueue(plan.todo, len(case.workers))
+    server = PullQueue(plan.todo, len(case.workers), plan.output_dir)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
     thread.start()
