@@ -670,21 +670,17 @@ class Scheduler:
         """
         others = sum(1 for at, other in self._recent_deaths if at > since and other != worker.id)
         if others:
-            task.deaths += ({"worker": worker.name,
-                             "reason": f"{reason} (not counted: {others} other workers died meanwhile)"},)
-            if task.running_on:
-                return []
-            self._distribute([task], now, weights_from="speed")
-            return [Notice(f"{task.spec.path}: {reason}, beside {others} other deaths; queued again")]
+            reason += f" (not counted: {others} other workers died meanwhile)"
+        else:
+            task.died_on |= {worker.id}
         task.deaths += ({"worker": worker.name, "reason": reason},)
-        task.died_on |= {worker.id}
         if task.running_on:
             return []  # another copy is still running
         if len(task.died_on) >= self.max_deaths:
             return self._fail_task(task, f"failed: {len(task.died_on)} different workers died running it", now)
         self._distribute([task], now, weights_from="speed")
         return [Notice(f"{task.spec.path}: {reason}; queued again (death {len(task.died_on)} of {self.max_deaths} "
-                       "allowed)")]
+                       "counted)")]
 
     def _fail_task(self, task: Task, why: str, now: float) -> list[Instruction]:
         task.state = "failed"
