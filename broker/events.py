@@ -65,8 +65,12 @@ class WorkerJoined:
 
 @dataclass(frozen=True)
 class WorkRequested:
+    """The worker asks for its next file. `finishing`: the file it ran to the end, whose output it is still
+    making durable; its result follows, and meanwhile the worker runs the next file."""
+
     worker: str
     now: float
+    finishing: str | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ import msgpack
 from broker import fields
 from broker.fields import Check, FieldError
 
-VERSION = 2  # 2: error codes, fingerprints, progress in heartbeats, output_dir in assign, open jobs
+# 2: error codes, fingerprints, progress in heartbeats, output_dir in assign, open jobs;
+# 3: `request` may name the file whose output the worker still publishes (its result follows).
+VERSION = 3
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 ADDRESS_ENV = "VIRNUCPRO_BROKER"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -95,7 +97,9 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # worker -> broker
     "register": {"name": NAME, "host": NAME, "gpu": NAME, "device": NAME,
                  "stages": fields.list_of(STAGE, most=len(STAGES)), "pid": fields.count},
-    "request": {},
+    # finishing: the task the worker ran to the end and still publishes; its done or failed follows, and the
+    # worker takes the next file meanwhile.
+    "request": {"finishing?": fields.text},
     # progress: units of work (batches) the running task has begun, counted from 0 for each task.
     "heartbeat": {"task": fields.optional(fields.string), "gauges?": GAUGES, "progress?": fields.count},
     "done": {"task": fields.text, "seconds": fields.non_negative, "sequences": fields.count,

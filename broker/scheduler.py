@@ -19,8 +19,11 @@ reports in broker.reports. Policy (docs/architecture.md):
   and at least OVERDUE_MARGIN seconds over, may get a backup from any idle
   worker, and the files queued behind it may be stolen by any idle worker;
 - idle workers are offered work whenever files are queued and at every tick;
-- leases: a worker silent for `worker_timeout` is dead, and its queued and
-  running files go back to the living; a file that fails `max_attempts` times
+- publishing: a worker that ran its file to the end asks for the next one
+  while it makes the output durable (`finishing`); the file stays in flight
+  on it, beyond steals and backups, until its result comes;
+- leases: a worker silent for `worker_timeout` is dead, and its queued,
+  running and publishing files go back to the living; a file that fails `max_attempts` times
   is failed with every reason, and the job goes on;
 - open jobs: a job submitted unsealed takes more files (seeded as they come,
   like submitted ones) until the client seals it, and it finishes only once
@@ -454,14 +457,44 @@ class Scheduler:
         self._reindex(worker)
         return task
 
+    def _start_finishing(self, worker: Worker, now: float) -> None:
+        """`worker` ran its file to the end and publishes the output while it runs the next: its result is due."""
+        assert worker.running is not None
+        since = worker.running_since
+        task = self.tasks[worker.running]
+        backup = task.backup
+        self._end_copy(worker, now)
+        task.backup = backup  # a backup copy stays one until its result says who won
+        task.finishing_on |= {worker.id}
+        worker.finishing, worker.finishing_since, worker.finishing_at = task.id, since, now
+
+    def _end_finishing(self, worker: Worker) -> Task:
+        """Detach `worker` from the copy it publishes; return the task. The task's state is the caller's to settle."""
+        assert worker.finishing is not None
+        task = self.tasks[worker.finishing]
+        task.finishing_on -= {worker.id}
+        if task.backup == worker.id:
+            task.backup = None
+        worker.finishing = None
+        return task
+
+    def _copy_started(self, worker_id: str, task: Task) -> float:
+        """When the copy of `task` that `worker_id` runs or publishes started."""
+        worker = self.workers[worker_id]
+        return worker.running_since if worker.running == task.id else worker.finishing_since
+
     def _revoke_copies(self, task: Task, now: float) -> list[Instruction]:
-        """Tell every worker still running a copy of `task` to stop; their results will be discarded."""
+        """Tell every worker still running or publishing a copy of `task` to drop it; their results will be
+        discarded (a copy being published finds the output already there and publishes nothing)."""
         out: list[Instruction] = []
-        for worker_id in sorted(task.running_on):
+        for worker_id in sorted(task.running_on | task.finishing_on):
             worker = self.workers[worker_id]
             out.append(Revoke(worker_id, task.id))
             task.revoked |= {worker_id}
-            self._end_copy(worker, now)
+            if worker.running == task.id:
+                self._end_copy(worker, now)
+            else:
+                self._end_finishing(worker)
         return out
 
     # ------------------------------------------------------------ events
@@ -499,7 +532,12 @@ class Scheduler:
         worker.last_seen = event.now
         worker.stuck = None  # it asks for work, so it runs nothing
         out: list[Instruction] = []
-        if worker.running is not None:
+        if event.finishing is not None and event.finishing == worker.running:
+            if worker.finishing is not None:
+                # The worker reports one file's result before it says it finished the next: this one's was lost.
+                out += self._result_lost(worker, event.now)
+            self._start_finishing(worker, event.now)
+        elif worker.running is not None:
             # It asks for work, so it is not running what we think it runs.
             out += self._assignment_lost(worker, event.now)
         self._wait(worker)
@@ -544,9 +582,17 @@ class Scheduler:
         task = self._end_copy(worker, now)
         self._wait(worker)
         self.count("assignment lost in transit")
-        if task.state == "running" and not task.running_on:
+        if task.state == "running" and not task.in_flight:
             self._enqueue(worker, task)
         return [Notice(f"worker {worker.name} never started {task.spec.path}; queued again")]
+
+    def _result_lost(self, worker: Worker, now: float) -> list[Instruction]:
+        task = self._end_finishing(worker)
+        task.lost_to |= {worker.id}  # should it come after all, it still counts
+        self.count("result lost in transit")
+        if task.state == "running" and not task.in_flight:
+            self._distribute([task], now, weights_from="speed")
+        return [Notice(f"worker {worker.name} never reported {task.spec.path}; queued again")]
 
     def _finish_copy(self, worker: Worker, task: Task, now: float) -> str | None:
         """Detach a reporting worker from its copy of `task`.
@@ -557,6 +603,9 @@ class Scheduler:
         """
         if worker.id in task.running_on:
             self._end_copy(worker, now)
+            copy = "running"
+        elif worker.id in task.finishing_on:
+            self._end_finishing(worker)
             copy = "running"
         elif worker.id in task.lost_to:
             task.lost_to -= {worker.id}
@@ -595,8 +644,8 @@ class Scheduler:
         task.state = "done"
         job.done += 1
         job.residues_done += task.cost
-        for other in task.running_on:
-            wasted = event.now - self.workers[other].running_since
+        for other in task.running_on | task.finishing_on:
+            wasted = event.now - self._copy_started(other, task)
             job.wasted_seconds += wasted
             self._stats(self.workers[other], job).wasted_seconds += wasted
         out += self._revoke_copies(task, event.now)
@@ -654,7 +703,7 @@ class Scheduler:
     def _attempt_failed(self, task: Task, worker: Worker, reason: str, now: float) -> list[Instruction]:
         task.attempts += ({"worker": worker.name, "reason": reason},)
         task.excluded |= {worker.id}
-        if task.running_on:
+        if task.in_flight:
             return []  # another copy is still running
         if len(task.attempts) >= self.max_attempts:
             return self._fail_task(task, f"failed after {len(task.attempts)} attempts", now)
@@ -674,7 +723,7 @@ class Scheduler:
         else:
             task.died_on |= {worker.id}
         task.deaths += ({"worker": worker.name, "reason": reason},)
-        if task.running_on:
+        if task.in_flight:
             return []  # another copy is still running
         if len(task.died_on) >= self.max_deaths:
             return self._fail_task(task, f"failed: {len(task.died_on)} different workers died running it", now)
@@ -767,6 +816,22 @@ class Scheduler:
             reason = f"no progress for {timeout:.0f} s (task timeout, --task-timeout); abandoned"
             out.append(Notice(f"{task.spec.path} on {worker.name}: {reason}"))
             out += self._attempt_failed(task, worker, reason, now)
+        # A file run to the end whose output is not published within the task timeout (a write that never
+        # returns): its copy fails there. The worker runs other files meanwhile, so it is not held back; if it
+        # cannot let go of the write it restarts itself.
+        unpublished = [
+            w for w in self.workers.values()
+            if w.finishing is not None
+            and now - w.finishing_at > self.task_timeout_of(w, self.tasks[w.finishing], scale)
+        ]
+        for worker in unpublished:
+            timeout = self.task_timeout_of(worker, self.tasks[worker.finishing or ""], scale)
+            task = self._end_finishing(worker)
+            task.revoked |= {worker.id}
+            out.append(Revoke(worker.id, task.id, abandon=True))
+            reason = f"output not published {timeout:.0f} s after the file ended (task timeout, --task-timeout)"
+            out.append(Notice(f"{task.spec.path} on {worker.name}: {reason}"))
+            out += self._attempt_failed(task, worker, reason, now)
         return out
 
     def _forget_dead(self, now: float) -> list[Instruction]:
@@ -798,8 +863,13 @@ class Scheduler:
         is still accepted.
         """
         out: list[Instruction] = []
-        since = worker.running_since
-        running = self._end_copy(worker, now) if worker.running is not None else None
+        copies: list[tuple[Task, float]] = []  # (task, when its copy started): the file it ran and the one it was publishing
+        if worker.running is not None:
+            since = worker.running_since
+            copies.append((self._end_copy(worker, now), since))
+        if worker.finishing is not None:
+            since = worker.finishing_since
+            copies.append((self._end_finishing(worker), since))
         self._set_alive(worker, False)
         # A pooled file that failed on every other capable worker may now go back to a waiting one.
         self._offer_all = self._offer_all or bool(self.unowned)
@@ -807,14 +877,14 @@ class Scheduler:
         for task in queued:
             self._dequeue(task)
         self._distribute([t for t in queued if t.job.open], now, weights_from="speed")
-        if running is not None:
-            running.lost_to |= {worker.id}
-            if running.state == "running" and running.job.open:
+        for task, since in copies:
+            task.lost_to |= {worker.id}
+            if task.state == "running" and task.job.open:
                 if reason is None:
-                    if not running.running_on:
-                        self._distribute([running], now, weights_from="speed")
+                    if not task.in_flight:
+                        self._distribute([task], now, weights_from="speed")
                 else:
-                    out += self._died_running(running, worker, reason, now, since)
+                    out += self._died_running(task, worker, reason, now, since)
         if reason is not None:
             self._recent_deaths.append((now, worker.id))
         return out
@@ -1054,7 +1124,8 @@ class Scheduler:
         one that could take the file past its allowed attempts if both copies failed. No backup of a stage
         whose time the workers' speeds do not predict (classify): the copy would be a guess."""
         return (
-            task.state == "running" and task.backup is None and len(task.running_on) == 1 and task.job.backs_up
+            task.state == "running" and task.backup is None and len(task.running_on) == 1 and not task.finishing_on
+            and task.job.backs_up
             and task.job.stage not in UNTIMED_STAGES
             and task.job.stage in thief.stages and thief.id not in task.excluded
             and len(task.attempts) + 2 <= self.max_attempts
@@ -1133,10 +1204,21 @@ class Scheduler:
                 raise InvariantError(f"task state: task {task.id} is queued in {task.job.state} job {task.job.id}")
             if task.state != "queued" and task.owner is not None:
                 raise InvariantError(f"task owner: {task.state} task {task.id} is still owned by {task.owner}")
-            if (task.state == "running") != bool(task.running_on):
+            if (task.state == "running") != task.in_flight:
                 raise InvariantError(
-                    f"running copies: task {task.id} is {task.state} with copies on {sorted(task.running_on)}"
+                    f"running copies: task {task.id} is {task.state} with copies on {sorted(task.running_on)}, "
+                    f"publishing on {sorted(task.finishing_on)}"
                 )
+            if task.running_on & task.finishing_on:
+                raise InvariantError(f"publishing copies: task {task.id} both runs and publishes on "
+                                     f"{sorted(task.running_on & task.finishing_on)}")
+            for worker_id in task.finishing_on:
+                worker = self.workers.get(worker_id)
+                if worker is None or not worker.alive or worker.finishing != task.id:
+                    raise InvariantError(
+                        f"publishing copies: task {task.id} has a copy published by {worker_id}, which is not a "
+                        "living worker publishing it"
+                    )
             for worker_id in task.running_on:
                 worker = self.workers.get(worker_id)
                 if worker is None or not worker.alive or worker.running != task.id:
@@ -1147,14 +1229,16 @@ class Scheduler:
             for worker_id in task.lost_to | task.revoked:
                 if worker_id not in self.workers:
                     raise InvariantError(f"lost or revoked copies: task {task.id} names unknown worker {worker_id}")
-            if task.revoked & task.running_on:
-                raise InvariantError(f"revoked copies: task {task.id} still runs on {sorted(task.revoked & task.running_on)}")
-            if len(task.running_on) > 2 or (len(task.running_on) == 2) != (task.backup is not None) and (
-                len(task.running_on) == 2 or task.backup not in task.running_on
+            copies = task.running_on | task.finishing_on
+            if task.revoked & copies:
+                raise InvariantError(f"revoked copies: task {task.id} still runs on {sorted(task.revoked & copies)}")
+            if len(copies) > 2 or (len(copies) == 2) != (task.backup is not None) and (
+                len(copies) == 2 or task.backup not in copies
             ):
                 raise InvariantError(
-                    f"backup copies: task {task.id} runs on {sorted(task.running_on)} with backup {task.backup}; "
-                    f"a file runs once, or twice with one backup copy"
+                    f"backup copies: task {task.id} runs on {sorted(task.running_on)} and publishes on "
+                    f"{sorted(task.finishing_on)} with backup {task.backup}; a file runs once, or twice with one "
+                    "backup copy"
                 )
 
     def _validate_queues(self) -> None:
@@ -1187,8 +1271,15 @@ class Scheduler:
         for worker_id, worker in self.workers.items():
             if worker.id != worker_id:
                 raise InvariantError(f"worker index: worker {worker.id} is indexed as {worker_id}")
-            if not worker.alive and (worker.queue or worker.running is not None):
-                raise InvariantError(f"dead workers hold nothing: {worker.id} is dead but queues or runs a task")
+            if not worker.alive and (worker.queue or worker.running is not None or worker.finishing is not None):
+                raise InvariantError(f"dead workers hold nothing: {worker.id} is dead but queues, runs or publishes "
+                                     "a task")
+            if worker.finishing is not None:
+                task = self.tasks.get(worker.finishing)
+                if task is None or worker.id not in task.finishing_on:
+                    raise InvariantError(
+                        f"publishing copies: worker {worker.id} publishes {worker.finishing}, which has no copy on it"
+                    )
             if worker.running is not None:
                 task = self.tasks.get(worker.running)
                 if task is None or worker.id not in task.running_on:

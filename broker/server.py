@@ -216,7 +216,7 @@ class BrokerServer:
         self._perform(instructions)
 
     def _request(self, identity: bytes, m: dict[str, Any]) -> None:
-        self._perform(self.scheduler.handle(WorkRequested(identity.hex(), time.monotonic())))
+        self._perform(self.scheduler.handle(WorkRequested(identity.hex(), time.monotonic(), m.get("finishing"))))
 
     def _heartbeat(self, identity: bytes, m: dict[str, Any]) -> None:
         instructions = self.scheduler.handle(

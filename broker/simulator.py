@@ -57,6 +57,9 @@ class SimWorker:
     dies_at: float | None = None  # from then on it never answers
     stall: tuple[float, float] | None = None  # cut off in both directions between these times; runs on meanwhile
     overhead: float = 0.0  # seconds per file beyond cost / speed (publishing, the round trip), not in its `seconds`
+    # Seconds it takes to publish an output while it runs the next file, as a real worker does (0: none). A file
+    # that ends while the previous output is still being published waits for it, unannounced.
+    publish: float = 0.0
     slows: tuple[float, float] | None = None  # (at, speed): from simulated time `at` on it runs at this speed
 
     def seconds_for(self, cost: int, start: float) -> float:
@@ -111,6 +114,7 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
     joined: set[str] = set()
     crashed: set[str] = set()
     running: dict[str, str | None] = {w.id: None for w in workers}
+    publishing: dict[str, float] = {}  # worker -> when the output it publishes is published
     token: dict[str, int] = {w.id: 0 for w in workers}
     costs = {job.id: list(job.costs) for job in jobs}
     poison = {job.id: job.poison for job in jobs}
@@ -157,7 +161,8 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
                     push(now + 0.5, "fail", (wid, instruction.task, token[wid]))
                 else:
                     seconds = by_id[wid].seconds_for(costs[job_id][int(index)], now)
-                    push(now + seconds + by_id[wid].overhead, "done", (wid, instruction.task, token[wid], seconds))
+                    ends = "computed" if by_id[wid].publish else "done"
+                    push(now + seconds + by_id[wid].overhead, ends, (wid, instruction.task, token[wid], seconds))
             elif isinstance(instruction, Revoke):
                 wid = instruction.worker
                 if wid not in crashed and not stalled(wid, now) and running[wid] == instruction.task:
@@ -183,7 +188,7 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
         now, _, kind, payload = heapq.heappop(pending)
         if now > horizon:
             break
-        if kind in ("join", "rejoin", "done", "fail", "revoked"):
+        if kind in ("join", "rejoin", "done", "computed", "published", "fail", "revoked"):
             wid = payload if isinstance(payload, str) else payload[0]
             stall = by_id[wid].stall
             if stall is not None and stall[0] <= now < stall[1]:
@@ -224,6 +229,23 @@ def simulate(workers: Sequence[SimWorker], jobs: Sequence[SimJob], *, worker_tim
             else:
                 handle(TaskFailed(wid, task, f"poison file on {wid}", now))
             handle(WorkRequested(wid, now))
+        elif kind == "computed":
+            wid, task, tok, seconds = payload
+            if wid in crashed or token[wid] != tok:
+                continue
+            if wid in publishing:
+                push(max(now, publishing[wid]), kind, payload)  # the previous output is still being published
+                continue
+            running[wid] = None
+            publishing[wid] = now + by_id[wid].publish
+            push(publishing[wid], "published", (wid, task, seconds))
+            handle(WorkRequested(wid, now, finishing=task))
+        elif kind == "published":
+            wid, task, seconds = payload
+            if wid in crashed:
+                continue
+            del publishing[wid]
+            handle(TaskSucceeded(wid, task, seconds, False, now))
         elif kind == "revoked":
             wid, task = payload
             if wid in crashed:

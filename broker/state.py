@@ -24,7 +24,11 @@ class Task:
     # Sets of worker ids. Immutable, replaced when they change: most tasks never hold any, and a job of
     # 200,000 tasks that allocated five containers each would keep the garbage collector busy for seconds.
     running_on: frozenset[str] = frozenset()  # living workers running a copy
-    backup: str | None = None  # the worker of running_on whose copy is a backup (at most one at a time)
+    # Living workers whose copy ran to the end and is being published: its result is due, and they run other
+    # files meanwhile.
+    finishing_on: frozenset[str] = frozenset()
+    # The worker of running_on or finishing_on whose copy is a backup (at most one at a time).
+    backup: str | None = None
     lost_to: frozenset[str] = frozenset()  # workers taken out while running it; their result still counts
     revoked: frozenset[str] = frozenset()  # workers told to drop their copy; their result is discarded
     excluded: frozenset[str] = frozenset()  # workers it failed on
@@ -38,6 +42,11 @@ class Task:
     def __post_init__(self) -> None:
         self.cost = self.spec.residues
         self.key = (self.job.seq, -self.cost, self.index, self.id)
+
+    @property
+    def in_flight(self) -> bool:
+        """A living worker runs a copy or is publishing one."""
+        return bool(self.running_on or self.finishing_on)
 
 
 @dataclass
@@ -62,6 +71,10 @@ class Worker:
     alive: bool = True
     running: str | None = None
     running_since: float = 0.0
+    # The file it ran to the end and is publishing (its result is due), when that copy started and when it ended.
+    finishing: str | None = None
+    finishing_since: float = 0.0
+    finishing_at: float = 0.0
     idle_since: float = 0.0
     queue: SortedList = field(default_factory=SortedList)
     queued_cost: int = 0

@@ -227,7 +227,7 @@ class PullQueue:
     def serve(self, stop: threading.Event) -> None:
         idle: list[bytes] = []
         registered: set[bytes] = set()
-        running: dict[bytes, str] = {}
+        running: set[str] = set()  # tasks handed out and not yet reported
         left = len(self.todo)
         try:
             while not stop.is_set() and self.finished is None:
@@ -242,21 +242,21 @@ class PullQueue:
                                heartbeat_interval=1.0)
                 elif kind == "heartbeat":
                     self._send(identity, "ack")
-                elif kind == "request":
+                elif kind == "request":  # it may still publish the file it names as finishing: its done follows
                     idle.append(identity)
                 elif kind == "done":
-                    running.pop(identity)
+                    running.remove(message["task"])
                     left -= 1
                     if left == 0:
                         self.finished = time.monotonic()
                 elif kind == "failed":
-                    self.error = f"a worker failed {running.get(identity)}: {message['reason']}"
+                    self.error = f"a worker failed {message['task']}: {message['reason']}"
                     return
                 if not self.started and len(registered) >= self.expected and len(idle) >= self.expected:
                     self.started = time.monotonic()
                 while self.started and idle and self.todo:
                     worker, spec = idle.pop(0), self.todo.pop(0)
-                    running[worker] = spec["path"]
+                    running.add(spec["path"])
                     self._send(worker, "assign", task=spec["path"], job="pull", stage="synthetic",
                                path=spec["path"], output_dir=self.output_dir, output=spec["output"])
         finally:

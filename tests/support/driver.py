@@ -99,8 +99,9 @@ class Driver:
         count = len(self.scheduler.jobs[job].tasks) if files is None else files
         return self._feed(JobSealed(job=job, files=count, now=self._at(at)))
 
-    def request(self, worker: str, at: float | None = None) -> list[Any]:
-        return self._feed(WorkRequested(worker=worker, now=self._at(at)))
+    def request(self, worker: str, at: float | None = None, *, finishing: str | None = None) -> list[Any]:
+        """`worker` asks for work; `finishing`: the file it ran to the end and is still publishing."""
+        return self._feed(WorkRequested(worker=worker, now=self._at(at), finishing=finishing))
 
     def succeed(self, worker: str, task: str, seconds: float = 1.0, *, skipped: bool = False,
                 at: float | None = None) -> list[Any]:

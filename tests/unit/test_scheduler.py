@@ -944,6 +944,8 @@ def play_random_events(data, steps: int) -> Driver:
             d.fail(worker, task)
         elif kind == "heartbeat":
             d.heartbeat(worker, data.draw(st.none() | st.just(task)), progress=data.draw(st.none() | st.integers(0, 3)))
+        elif kind == "request":
+            d.request(worker, finishing=data.draw(st.none() | st.just(task)))
         elif kind == "cancel":
             d.cancel(task.split(":")[0])
         else:
@@ -972,6 +974,7 @@ def scenarios(draw, stalls: bool = False, steady_survivor: bool = True):
             joins_at=draw(st.sampled_from([0.0, 0.0, 0.0, 3.0, 25.0])),
             dies_at=draw(st.none() | st.floats(0.0, 40.0)),
             overhead=draw(st.sampled_from([0.0, 0.0, 0.05])),
+            publish=draw(st.sampled_from([0.0, 0.0, 0.02, 2.0])),
         )
         for i in range(n)
     ]

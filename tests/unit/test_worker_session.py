@@ -28,6 +28,7 @@ from virnucpro.worker.session import (
     StartTask,
     StopRequested,
     TaskCancelled,
+    TaskComputed,
     TaskDone,
     TaskFailed,
     Tick,
@@ -288,6 +289,89 @@ def test_an_end_for_a_task_that_is_not_running_is_a_shell_error():
         w.done("t2")
 
 
+# -------------------------------------------------------------- publishing
+
+
+def computed(w: Worker, task: str) -> list[Any]:
+    return w.feed(TaskComputed(task, w.now))
+
+
+def publishing_t1(then: str | None = None) -> Worker:
+    """A ready worker that ran t1 to the end and publishes its output; `then`: the file assigned next."""
+    w = ready_worker()
+    w.assign("t1")
+    computed(w, "t1")
+    if then is not None:
+        w.assign(then)
+    return w
+
+
+def test_a_file_run_to_the_end_asks_for_the_next_at_once_naming_it_and_its_result_follows_alone():
+    w = ready_worker()
+    w.assign("t1")
+    assert computed(w, "t1") == [Send("request", {"finishing": "t1"})]
+    assert w.session.task is None and w.session.reported_task is None
+    assert sends(w.done("t1")) == ["done"]  # the request is already out
+
+
+def test_the_next_file_runs_while_the_previous_output_is_published():
+    w = publishing_t1()
+    assert w.assign("t2") == [StartTask(assignment("t2"))]
+    assert sends(w.done("t1")) == ["done"]
+    assert sends(w.done("t2")) == ["done", "request"]
+
+
+def test_a_file_ending_while_the_previous_output_is_published_waits_unannounced_for_that_result():
+    w = publishing_t1(then="t2")
+    assert computed(w, "t2") == []  # the broker must hear t1's result before the request that names t2
+    assert w.session.reported_task == "t2"  # heartbeats still name it: the broker takes it to be running
+    w.at(1.0)
+    assert w.tick() == [SendHeartbeat("t2")]
+    out = w.done("t1")
+    assert out == [Send("done", {"task": "t1", "seconds": 0.5, "sequences": 3, "residues": 900, "skipped": False}),
+                   Send("request", {"finishing": "t2"})]
+
+
+def test_an_output_that_cannot_be_published_fails_its_file_without_a_second_request():
+    w = publishing_t1()
+    assert sends(w.feed(TaskFailed("t1", "OSError: [Errno 28] No space left on device", w.now))) == ["failed"]
+
+
+def test_a_revoke_of_a_file_being_published_cancels_nothing():
+    w = publishing_t1(then="t2")
+    assert not_logs(w.hear("revoke", task="t1")) == []
+    assert sends(w.done("t1")) == ["done"]
+
+
+def test_an_abandoned_output_still_unpublished_after_the_grace_makes_the_worker_restart():
+    w = publishing_t1()
+    assert not_logs(w.at(2.0).hear("revoke", task="t1", abandon=True)) == []
+    w.at(2.0 + ABANDON_GRACE - 0.1).hear("ack")
+    assert Restart() not in w.tick()
+    assert Restart() in w.at(2.0 + ABANDON_GRACE).tick()
+
+
+def test_after_registering_again_the_worker_asks_plainly_and_still_reports_the_output_being_published():
+    w = publishing_t1()
+    w.hear("reregister")
+    assert sends(w.registered()) == ["request"]
+    assert sends(w.done("t1")) == ["done"]
+
+
+def test_a_file_handed_out_again_while_its_output_is_published_is_answered_by_that_result():
+    w = publishing_t1()
+    w.hear("reregister")
+    w.registered()
+    assert not_logs(w.assign("t1")) == []
+    assert sends(w.done("t1")) == ["done", "request"]
+
+
+def test_stopping_while_an_output_is_published_says_bye_only_after_its_result():
+    w = publishing_t1(then="t2")
+    assert w.feed(StopRequested(w.now)) == [CancelTask("t2")]
+    assert sends(w.done("t1")) == ["done", "bye"]
+
+
 # ----------------------------------------------------------------- revokes
 
 
@@ -353,7 +437,8 @@ broker_messages = st.one_of(
 steps = st.lists(st.one_of(
     st.tuples(st.just("message"), broker_messages),
     st.tuples(st.just("wait"), st.floats(0.0, 12.0)),
-    st.tuples(st.just("end"), st.sampled_from(["done", "failed", "cancelled"])),
+    st.tuples(st.just("end"), st.sampled_from(["done", "failed", "cancelled", "computed"])),
+    st.tuples(st.just("published"), st.sampled_from(["done", "failed"])),
     st.tuples(st.just("unsent"), st.sampled_from(["register", "heartbeat", "done", "request"])),
 ), max_size=60)
 
@@ -361,9 +446,12 @@ steps = st.lists(st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(steps)
 def test_whatever_the_broker_says_one_file_runs_at_a_time_and_no_timer_is_left_overdue(script):
+    """Also: every request leaves with nothing running, and at most one file named as finishing awaits its result."""
     w = Worker()
     w.connect()
     running: str | None = None
+    publishing: list[str] = []
+    announced: set[str] = set()
     for step, value in script:
         if step == "message":
             out = w.hear(value[0], **value[1])
@@ -373,13 +461,22 @@ def test_whatever_the_broker_says_one_file_runs_at_a_time_and_no_timer_is_left_o
             if Reconnect() in out:
                 out += w.connect()
         elif step == "end" and running is not None:
-            if value == "done":
+            if value == "computed":
+                out = w.feed(TaskComputed(running, w.now))
+                publishing.append(running)
+            elif value == "done":
                 out = w.feed(TaskDone(running, 0.1, 1, 10, False, w.now))
             elif value == "failed":
                 out = w.feed(TaskFailed(running, "RuntimeError: boom", w.now))
             else:
                 out = w.feed(TaskCancelled(running, w.now))
             running = None
+        elif step == "published" and publishing:
+            task = publishing.pop(0)
+            if value == "done":
+                out = w.feed(TaskDone(task, 0.1, 1, 10, False, w.now))
+            else:
+                out = w.feed(TaskFailed(task, "OSError: disk full", w.now))
         elif step == "unsent":
             out = w.feed(SendFailed(value, w.now))
         else:
@@ -390,7 +487,15 @@ def test_whatever_the_broker_says_one_file_runs_at_a_time_and_no_timer_is_left_o
                 running = instruction.assignment["task"]
             if isinstance(instruction, CancelTask):
                 assert instruction.task == running
+            if isinstance(instruction, Send) and instruction.kind in ("done", "failed"):
+                announced.discard(instruction.fields["task"])
+            if isinstance(instruction, Send) and instruction.kind == "request":
+                assert running is None, "asked for work while a file runs"
+                if "finishing" in instruction.fields:
+                    assert not announced & set(publishing), "named a second file before the first one's result"
+                    announced.add(instruction.fields["finishing"])
         assert w.session.task == running
+        assert [a["task"] for a in w.session.publishing] == publishing
         if Restart() in out:
             assert out[-1] == Restart()  # the shell replaces the process: nothing may follow
             return

@@ -8,6 +8,12 @@ to send and when is decided by the session core
 the task thread, and sleeps until the session's next timer, a message, or
 the end of the running file, whichever comes first.
 
+A file's output is published (synced, then linked under its final name) on
+a third thread, one file after another, while the next file already runs:
+the sync, often the slowest step of a short file on a busy disk, stays off
+the path from one file to the next. The result goes to the broker only once
+the output is durable.
+
 Progress: the task thread asks `should_stop` between units of work (each
 batch of a model, each wait of the synthetic stage, each transfer step);
 each ask counts, and heartbeats carry the running task's count so the broker
@@ -30,7 +36,10 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +71,7 @@ from virnucpro.worker.session import (
     StartTask,
     StopRequested,
     TaskCancelled,
+    TaskComputed,
     TaskDone,
     TaskFailed,
     Tick,
@@ -69,6 +79,21 @@ from virnucpro.worker.session import (
 )
 
 logger = logging.getLogger("virnucpro.worker")
+
+# How long a worker that is stopping waits for the outputs still being published, to report them.
+DRAIN_TIMEOUT = 30.0
+
+
+@dataclass
+class Computed:
+    """A file whose stage ran: its output written in a held scratch directory, to be published."""
+
+    source: str
+    temporary: Path
+    output: Path
+    scratch: Scratch
+    complete: Callable[[Path], bool]
+    result: dict[str, Any]  # the fields of its `done` message
 
 
 class WorkerRefused(WorkerSetupError):
@@ -97,7 +122,10 @@ class Worker:
         self._socket: zmq.Socket | None = None
         self._poller = zmq.Poller()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task")
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
         self._future: Future | None = None
+        self._running: str | None = None  # the task of _future
+        self._publishes: deque[tuple[str, Future]] = deque()  # outputs being published, in order
         self._cancel = threading.Event()
         self._progress = 0  # how often the running task asked whether to stop: its units of work begun
         self._stop = threading.Event()
@@ -135,8 +163,9 @@ class Worker:
                 ready = dict(self._poller.poll(None if wait == math.inf else max(0, math.ceil(wait * 1000))))
                 if self._wake_reader in ready:
                     self._wake_reader.recv(4096)
+                self._collect_publishes()
                 if self._future is not None and self._future.done():
-                    self._handle(self._outcome(self._future))
+                    self._handle(self._outcome())
                 if self._socket in ready:
                     self._receive_all()
                 self._handle(Tick(time.monotonic()))
@@ -233,11 +262,13 @@ class Worker:
         # A fresh flag per task: a revoke that arrives late can never stop the next file.
         self._cancel = threading.Event()
         self._progress = 0
+        self._running = assignment["task"]
         self._future = self._executor.submit(self._execute, assignment, self._cancel)
         self._future.add_done_callback(lambda _: self._wake())
 
-    def _execute(self, assignment: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
-        """Run one file (on the task thread); the result's fields are those of a `done` message."""
+    def _execute(self, assignment: dict[str, Any], cancel: threading.Event) -> dict[str, Any] | Computed:
+        """Run one file (on the task thread): the fields of its `done` message when nothing is left to publish
+        (skipped, or returned through a transfer), else the output to publish."""
 
         def should_stop() -> bool:
             if cancel is self._cancel:  # a task abandoned, whose thread came back late, counts for nothing
@@ -264,9 +295,10 @@ class Worker:
         fingerprint = assignment.get("fingerprint")
         check_unchanged(assignment["path"], fingerprint)
         output.parent.mkdir(parents=True, exist_ok=True)
-        # Written in a private directory beside the output, held locked: a sweep removes it only once this
-        # worker is gone (virnucpro.scratch).
-        with Scratch(output.parent, WORK) as scratch:
+        # Written in a private directory beside the output, held locked until it is published: a sweep removes it
+        # only once this worker is gone (virnucpro.scratch).
+        scratch = Scratch(output.parent, WORK)
+        try:
             temporary = scratch.path / output.name
             started = time.monotonic()
             if isinstance(backend, PairBackend):
@@ -278,16 +310,29 @@ class Worker:
                 sequences, residues = backend.run(Path(assignment["path"]), temporary, should_stop)
             seconds = time.monotonic() - started
             check_records(assignment["path"], fingerprint, sequences)
-            first = publish(temporary, output, complete)
-        logger.info("%s -> %s: %d sequences in %.2f s%s", assignment["path"], output.name, sequences, seconds,
-                    "" if first else " (another copy was published first)")
-        return {"seconds": seconds, "sequences": sequences, "residues": residues, "skipped": False}
+        except BaseException:
+            scratch.close()
+            raise
+        return Computed(assignment["path"], temporary, output, scratch, complete,
+                        {"seconds": seconds, "sequences": sequences, "residues": residues, "skipped": False})
 
-    def _outcome(self, future: Future) -> Event:
-        """The session event for the task that just ended."""
-        task = self.session.task
-        assert task is not None
-        self._future = None
+    @staticmethod
+    def _publish(computed: Computed) -> dict[str, Any]:
+        """Publish a computed output (on the publishing thread); the fields of its `done` message."""
+        try:
+            first = publish(computed.temporary, computed.output, computed.complete)
+        finally:
+            computed.scratch.close()
+        result = computed.result
+        logger.info("%s -> %s: %d sequences in %.2f s%s", computed.source, computed.output.name, result["sequences"],
+                    result["seconds"], "" if first else " (another copy was published first)")
+        return result
+
+    def _outcome(self) -> Event:
+        """The session event for the running task, which just ended; a computed output starts publishing."""
+        future, task = self._future, self._running
+        assert future is not None and task is not None
+        self._future, self._running = None, None
         now = time.monotonic()
         try:
             result = future.result()
@@ -295,14 +340,42 @@ class Worker:
             return TaskCancelled(task, now)
         except Exception as exc:  # any backend error fails this file, not the worker
             return TaskFailed(task, f"{type(exc).__name__}: {exc}", now)
+        if isinstance(result, Computed):
+            publishing = self._publisher.submit(self._publish, result)
+            publishing.add_done_callback(lambda _: self._wake())
+            self._publishes.append((task, publishing))
+            return TaskComputed(task, now)
         return TaskDone(task, now=now, **result)
+
+    def _collect_publishes(self) -> None:
+        """Report the outputs published (or not), in the order they were computed."""
+        while self._publishes and self._publishes[0][1].done():
+            task, future = self._publishes.popleft()
+            now = time.monotonic()
+            try:
+                result = future.result()
+            except Exception as exc:  # a write that failed (a full disk) fails this file, not the worker
+                self._handle(TaskFailed(task, f"{type(exc).__name__}: {exc}", now))
+            else:
+                self._handle(TaskDone(task, now=now, **result))
 
     def _shutdown(self) -> None:
         self._handle(StopRequested(time.monotonic()))
+        # Outputs still being published are reported before the goodbye, so the broker need not run them again.
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while self._publishes and self._socket is not None:
+            try:
+                self._publishes[0][1].exception(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                logger.warning("left before %d output(s) were published; the broker will hand those files out again",
+                               len(self._publishes))
+                break
+            self._collect_publishes()
         if self._socket is not None:
             self._socket.close(linger=500)
             self._socket = None
         self._context.term()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._publisher.shutdown(wait=False, cancel_futures=True)
         self._wake_reader.close()
         self._wake_writer.close()

@@ -1,4 +1,4 @@
-"""The worker's protocol core: registration, heartbeats, broker silence, the running task; no I/O.
+"""The worker's protocol core: registration, heartbeats, broker silence, the running and publishing tasks; no I/O.
 
 Like the broker's scheduler core, a WorkerSession owns no socket, thread or
 clock. The shell (virnucpro.worker.process) feeds it events, each carrying
@@ -8,6 +8,17 @@ shell can sleep exactly until then unless a message or a finished file
 wakes it first. Messages given to it have been validated by
 broker.protocol; every message it asks the shell to send matches
 broker.protocol.SCHEMAS.
+
+A file ends in two steps. When its stage has run (TaskComputed) the output
+is written but not yet durable; the worker asks for its next file at once,
+naming this one as `finishing`, and the shell publishes the output (sync,
+then link) while the next file runs. Its `done` follows when the output is
+published (TaskDone). The broker keeps the file in flight on this worker
+until then, so nothing is lost if the worker dies first. One file at a time
+is announced as finishing: a file whose stage ends while the previous one
+is still being published waits, unannounced, and the worker asks for
+nothing until the previous result has gone out, so every result reaches the
+broker before the request that follows it.
 """
 
 from __future__ import annotations
@@ -63,8 +74,17 @@ class SendFailed:
 
 
 @dataclass(frozen=True)
+class TaskComputed:
+    """The running task's stage ended and its output is written; the shell now publishes it (TaskDone or
+    TaskFailed follows)."""
+
+    task: str
+    now: float
+
+
+@dataclass(frozen=True)
 class TaskDone:
-    """The running task's output is published (or was already complete: `skipped`)."""
+    """A task's output is published (or was already complete: `skipped`)."""
 
     task: str
     seconds: float
@@ -76,7 +96,7 @@ class TaskDone:
 
 @dataclass(frozen=True)
 class TaskFailed:
-    """The running task raised; `reason` says what went wrong."""
+    """A task raised, running or publishing; `reason` says what went wrong."""
 
     task: str
     reason: str
@@ -105,7 +125,8 @@ class StopRequested:
     now: float
 
 
-Event = Connected | MessageReceived | SendFailed | TaskDone | TaskFailed | TaskCancelled | Tick | StopRequested
+Event = (Connected | MessageReceived | SendFailed | TaskComputed | TaskDone | TaskFailed | TaskCancelled | Tick
+         | StopRequested)
 
 # ----------------------------------------------------------- instructions
 
@@ -120,7 +141,8 @@ class Send:
 
 @dataclass(frozen=True)
 class SendHeartbeat:
-    """Send a heartbeat naming the running task, with the device's gauges read now (if it has any)."""
+    """Send a heartbeat naming the task the broker takes to be running (and its progress), with the device's
+    gauges read now (if it has any)."""
 
     task: str | None
 
@@ -177,17 +199,31 @@ class WorkerSession:
         self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self.registered = False
         self.running: dict[str, Any] | None = None  # the assignment being run
+        self.publishing: list[dict[str, Any]] = []  # assignments run to the end whose outputs are being published
+        self._announced: set[str] = set()  # publishing tasks the broker was told of (or that this session predates)
+        self._asked = False  # a request is out, not yet answered by an assignment
+        self._leaving = False
         self._connected = False
         self._register_due = math.inf
         self._last_heard = 0.0
         self._last_heartbeat = -math.inf
         self._waiting_logged = False
-        self._abandon_by = math.inf  # when a task told to abandon must have stopped
+        self._abandoning: str | None = None  # a task told to abandon, and when it must have stopped
+        self._abandon_by = math.inf
 
     @property
     def task(self) -> str | None:
         """The id of the task being run, or None when idle."""
         return self.running["task"] if self.running is not None else None
+
+    @property
+    def reported_task(self) -> str | None:
+        """The task the broker takes to be running here: the running one, else one run to the end and not yet
+        announced as finishing."""
+        if self.running is not None:
+            return self.running["task"]
+        waiting = [a["task"] for a in self.publishing if a["task"] not in self._announced]
+        return waiting[0] if waiting else None
 
     def deadline(self) -> float:
         """When the next timer falls due (monotonic seconds; inf before the first Connected)."""
@@ -204,19 +240,25 @@ class WorkerSession:
             return self._on_tick(event.now)
         if isinstance(event, MessageReceived):
             return self._on_message(event.message, event.now)
+        if isinstance(event, TaskComputed):
+            if self.running is None or self.running["task"] != event.task:
+                raise ValueError(f"task {event.task} was computed, but the task running is {self.task}")
+            self.publishing.append(self.running)
+            self.running = None
+            return self._ask_for_work()
         if isinstance(event, TaskDone):
             self._end(event.task)
             result = {"seconds": event.seconds, "sequences": event.sequences, "residues": event.residues,
                       "skipped": event.skipped}
-            return [Send("done", {"task": event.task, **result})] + self._ask_for_work()
+            return [Send("done", {"task": event.task, **result})] + self._after_end()
         if isinstance(event, TaskFailed):
             path = self._end(event.task)["path"]
             return [Log(logging.WARNING, f"{path} failed: {event.reason}"),
                     Send("failed", {"task": event.task, "reason": event.reason[:MAX_REASON] or "error"}),
-                    *self._ask_for_work()]
+                    *self._after_end()]
         if isinstance(event, TaskCancelled):
             self._end(event.task)
-            return [Send("failed", {"task": event.task, "reason": REVOKED})] + self._ask_for_work()
+            return [Send("failed", {"task": event.task, "reason": REVOKED})] + self._after_end()
         if isinstance(event, Connected):
             self._connected = True
             self.registered = False
@@ -251,7 +293,7 @@ class WorkerSession:
                     Reconnect()]
         if now >= self._last_heartbeat + self.heartbeat_interval:
             self._last_heartbeat = now
-            return [SendHeartbeat(self.task)]
+            return [SendHeartbeat(self.reported_task)]
         return []
 
     def _register(self, now: float) -> list[Instruction]:
@@ -265,6 +307,8 @@ class WorkerSession:
         elif kind in ("done", "failed"):
             return [Log(logging.WARNING, f"could not report a result to the broker at {self.address} "
                                          "(not connected); it will hand the file out again")]
+        elif kind == "request":
+            self._asked = False  # the broker counts an idle worker that never asked as waiting, after a while
         return []
 
     # ---------------------------------------------------------- messages
@@ -275,6 +319,9 @@ class WorkerSession:
         if kind == "registered":
             self.registered = True
             self._waiting_logged = False
+            self._asked = False
+            # This broker session knows none of the outputs still being published; their results still count.
+            self._announced = {a["task"] for a in self.publishing}
             self.heartbeat_interval = message["heartbeat_interval"]
             log = Log(logging.INFO, f"registered as {message['name']}, weight {message['weight']:.2f}")
             return [log, *self._ask_for_work()]
@@ -283,27 +330,44 @@ class WorkerSession:
             self.registered = False
             return self._register(now)
         if kind == "assign":
+            self._asked = False
             if self.running is not None:
                 return [Log(logging.WARNING, f"broker sent {message['task']} while {self.task} runs; ignored")]
+            if any(a["task"] == message["task"] for a in self.publishing):
+                # Handed out again after a reconnect while its output is still being published: that result answers.
+                return [Log(logging.INFO, f"task {message['task']} is already being published; its result follows")]
             # "transfer", when present, says how to fetch the input and return the output (virnucpro.transfer);
             # "paired" and "classifier" come with a classify task only.
             self.running = {k: message[k] for k in ASSIGNMENT_FIELDS if k in message}
             return [StartTask(dict(self.running))]
         if kind == "revoke":
-            if message["task"] != self.task:
-                return []
-            if message.get("abandon"):
-                self._abandon_by = min(self._abandon_by, now + ABANDON_GRACE)
-                return [Log(logging.WARNING, f"task {message['task']} showed no progress for the broker's task "
-                                             "timeout; abandoning it"), CancelTask(message["task"])]
-            return [Log(logging.INFO, f"task {message['task']} revoked"), CancelTask(message["task"])]
+            task = message["task"]
+            if task == self.task:
+                if message.get("abandon"):
+                    self._abandon(task, now)
+                    return [Log(logging.WARNING, f"task {task} showed no progress for the broker's task timeout; "
+                                                 "abandoning it"), CancelTask(task)]
+                return [Log(logging.INFO, f"task {task} revoked"), CancelTask(task)]
+            if any(a["task"] == task for a in self.publishing):
+                # Its output is being written out and cannot be stopped half way: the broker discards the result.
+                if message.get("abandon"):
+                    self._abandon(task, now)
+                    return [Log(logging.WARNING, f"task {task}'s output was not published within the broker's task "
+                                                 "timeout; abandoning it")]
+                return [Log(logging.INFO, f"task {task} revoked while its output is published")]
+            return []
         return []
+
+    def _abandon(self, task: str, now: float) -> None:
+        """`task` must end within ABANDON_GRACE, or the worker restarts."""
+        if self._abandoning is None:
+            self._abandoning, self._abandon_by = task, now + ABANDON_GRACE
 
     def _restart(self, now: float) -> list[Instruction]:
         """The task told to abandon is still running: say goodbye and start afresh."""
         self._abandon_by = math.inf
-        out: list[Instruction] = [Log(logging.ERROR, f"task {self.task} did not stop within {ABANDON_GRACE:g} s of "
-                                                     "being abandoned (blocked in a system call?); restarting "
+        out: list[Instruction] = [Log(logging.ERROR, f"task {self._abandoning} did not stop within {ABANDON_GRACE:g} "
+                                                     "s of being abandoned (blocked in a system call?); restarting "
                                                      "this worker")]
         if self.registered:
             out.append(Send("bye"))
@@ -314,20 +378,49 @@ class WorkerSession:
     # ------------------------------------------------------------- tasks
 
     def _end(self, task: str) -> dict[str, Any]:
-        if self.running is None or self.running["task"] != task:
-            raise ValueError(f"task {task} ended, but the task running is {self.task}")
-        ended, self.running = self.running, None
-        self._abandon_by = math.inf
+        """Forget a task that ended, running or publishing; return its assignment."""
+        if self.running is not None and self.running["task"] == task:
+            ended, self.running = self.running, None
+        else:
+            position = next((i for i, a in enumerate(self.publishing) if a["task"] == task), None)
+            if position is None:
+                raise ValueError(f"task {task} ended, but it is neither running ({self.task}) nor being published")
+            ended = self.publishing.pop(position)
+            self._announced.discard(task)
+        if task == self._abandoning:
+            self._abandoning, self._abandon_by = None, math.inf
         return ended
 
+    def _after_end(self) -> list[Instruction]:
+        if self._leaving:
+            return self._bye() if not self.publishing else []
+        return self._ask_for_work()
+
     def _ask_for_work(self) -> list[Instruction]:
-        return [Send("request")] if self.registered and self.running is None else []
+        """A request, once nothing runs and no request is out; naming the file run to the end whose output is being
+        published, unless the result of the one named before has not gone out yet."""
+        if not self.registered or self.running is not None or self._asked or self._leaving:
+            return []
+        unannounced = [a["task"] for a in self.publishing if a["task"] not in self._announced]
+        if not unannounced:
+            self._asked = True
+            return [Send("request")]
+        if self._announced:
+            return []  # the broker hears each result before the request that follows it
+        self._announced.add(unannounced[0])
+        self._asked = True
+        return [Send("request", {"finishing": unannounced[0]})]
+
+    def _bye(self) -> list[Instruction]:
+        if not self.registered:
+            return []
+        self.registered = False
+        return [Send("bye")]
 
     def _on_stop(self) -> list[Instruction]:
+        """Cancel the running file and say goodbye once the outputs being published are reported."""
+        self._leaving = True
         out: list[Instruction] = []
         if self.running is not None:
             out.append(CancelTask(self.running["task"]))
-        if self.registered:
-            out.append(Send("bye"))
-            self.registered = False
-        return out
+        return out + (self._bye() if not self.publishing else [])
