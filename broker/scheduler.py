@@ -18,7 +18,8 @@ reports in broker.reports. Policy (docs/architecture.md):
 - overdue files: a running file past OVERDUE_FACTOR times its predicted time,
   and at least OVERDUE_MARGIN seconds over, may get a backup from any idle
   worker, and the files queued behind it may be stolen by any idle worker;
-- idle workers are offered work whenever files are queued and at every tick;
+- idle workers are offered work whenever files are queued, at every tick,
+  and when the result of the file they published while waiting arrives;
 - publishing: a worker that ran its file to the end asks for the next one
   while it makes the output durable (`finishing`); the file stays in flight
   on it, beyond steals and backups, until its result comes;
@@ -654,6 +655,10 @@ class Scheduler:
             self._stats(worker, job).backups += 1
         if not event.skipped:
             out.append(self._record_done(worker, task, event.seconds, event.now, by_backup))
+        if self._waiting.get(worker.id) is worker:
+            # It asked for work while it published this output; what it now knows of its speed may open a steal or
+            # a backup copy that its request could not.
+            self._offer[worker.id] = worker
         return out + self._maybe_finish(job, event.now)
 
     @staticmethod

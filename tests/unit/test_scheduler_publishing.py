@@ -119,3 +119,16 @@ def test_a_request_naming_a_file_the_worker_no_longer_runs_only_asks_for_work():
     d.cancel("j")
     d.submit("k", [100])
     assert [a.task for a in assigns(d.request("w", finishing="j:0"))] == ["k:0"]
+
+
+def test_a_worker_waiting_when_its_published_result_arrives_is_offered_work_again_at_once():
+    d = Driver()
+    d.join("slow", 1.0)
+    d.join("fast", 1.0)
+    d.submit("j", [100, 100])
+    d.request("slow")
+    d.request("fast")
+    # Unmeasured, `fast` would need 100 s for a copy of j:0: no backup when it asks, naming j:1 as finishing.
+    assert assigns(d.request("fast", finishing="j:1", at=10.0)) == []
+    # Its result says 10 residues/s: j:0's holder, predicted 10 s at that scale, is late; a copy takes 10 s.
+    assert [(a.worker, a.task) for a in assigns(d.succeed("fast", "j:1", 10.0, at=10.01))] == [("fast", "j:0")]
