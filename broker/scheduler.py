@@ -82,8 +82,10 @@ from broker.reports import job_report, status_snapshot
 from broker.state import JOB_STATES, TASK_STATES, Job, Task, Worker, WorkerStats
 from virnucpro.pipeline.gpu_weights import assign_files_weighted
 
-# Weight of the newest file in a worker's moving-average speed.
-SPEED_SMOOTHING = 0.3
+# Weight of the newest file in a worker's moving-average speed: high enough that a GPU that slows down (throttled,
+# shared) is seen within two or three files, so its last files get backup copies (0.3 took twice as many; on real
+# processes, bench_peers' slowdown case went from 1.065 to 1.038 of the bound).
+SPEED_SMOOTHING = 0.5
 # A worker that says it is idle this long after an assignment never got it; one that says it is idle this long
 # after its copy was revoked is waiting for work.
 LOST_ASSIGNMENT_GRACE = 3.0
