@@ -7,7 +7,10 @@ reports in broker.reports. Policy (docs/architecture.md):
 
 - seeding: a submitted job's files go to the capable workers by weighted
   bin-packing (largest first, to the worker that would finish it earliest);
-- each worker runs its own queue, largest file first;
+- each worker runs its own queue, largest file first; at the tail a slower
+  worker whose next file would end after a faster worker's queue exchanges
+  it for that worker's smaller next file when both then end sooner (the
+  fastest workers run the largest files);
 - stealing (if the job allows it): a worker with nothing queued takes, from
   the workers predicted to finish last (latest first), the largest queued
   file it would finish before that worker's queue would end;
@@ -1009,6 +1012,9 @@ class Scheduler:
         """The file `worker` runs next: its own queue's first, an unowned one, a stolen one, or a backup copy."""
         if worker.queue:
             task = self.tasks[worker.queue[0][-1]]
+            swapped = self._swap_for(worker, task, now)
+            if swapped is not None:
+                return swapped
             self._dequeue(task, reindex=False)  # it starts the file at once, which reindexes it
             return task
         for key in self.unowned:
@@ -1056,6 +1062,47 @@ class Scheduler:
             if task is not None:
                 return self._steal(task, victim, thief)
         return None
+
+    def _swap_for(self, worker: Worker, own: Task, now: float) -> Task | None:
+        """At the tail, a smaller file queued first for a faster worker, given to `worker` in exchange for `own`
+        when the two then end sooner; else None.
+
+        Of the workers predicted to finish first, a faster one whose next
+        file is smaller than `own` takes `own` instead, and `worker` runs
+        that smaller file, if the later of the two predicted ends comes
+        earlier so: a slow worker starting the last large file would
+        otherwise end the job long after the faster one.
+        """
+        if not own.job.steal:
+            return None
+        scale = self.scale()
+        speed = self.speed_of(worker, scale)
+        alone = now + own.cost / speed
+        best: tuple[float, Worker, Task] | None = None
+        for _, other_id in self._finishers.islice(0, VICTIMS_CONSIDERED + 1):
+            other = self.workers[other_id]
+            if other is worker or other.id in own.excluded or own.job.stage not in other.stages:
+                continue
+            other_speed = self.speed_of(other, scale)
+            head = self.tasks[other.queue[0][-1]]
+            if other_speed <= speed or head.job is not own.job or head.cost >= own.cost or worker.id in head.excluded:
+                continue
+            finish = self.predicted_finish(other, now, scale)
+            kept = max(alone, finish)
+            swapped = max(now + head.cost / speed, finish + (own.cost - head.cost) / other_speed)
+            if swapped < kept and (best is None or swapped < best[0]):
+                best = (swapped, other, head)
+        if best is None:
+            return None
+        _, other, head = best
+        self._dequeue(own)
+        # Into the faster worker's queue, without an offer: it is queued behind a running file, and the waiting
+        # workers this dispatch still reaches may take it from there.
+        own.owner = other.id
+        other.queue.add(own.key)
+        other.queued_cost += own.cost
+        self._reindex(other)
+        return self._steal(head, other, worker)
 
     def _stealable(self, victim: Worker, thief: Worker, budget: float) -> Task | None:
         """The first file in `victim`'s queue (oldest job, largest file) of fewer than `budget` residues that

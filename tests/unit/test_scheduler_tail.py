@@ -297,3 +297,40 @@ def test_in_simulated_time_a_backup_copy_takes_the_straggler_case_within_1_3_of_
     assert report["makespan"] <= 1.3 * makespan_lower_bound(costs, [w.speed for w in workers])
     assert (report["backups"], report["backups_won"]) == (1, 1)
     assert [(r.worker, r.backup) for r in result.task_done] == [("fast", False), ("fast", True)]
+
+
+# ------------------------------------------------------------------- swaps
+
+
+def measured_pair() -> Driver:
+    """`slow` (1 residue/s) and `fast` (4 residues/s), both named weight 1.0 and measured on a first job; both
+    waiting at t=100."""
+    d = Driver()
+    d.join("slow", 1.0)
+    d.join("fast", 1.0)
+    d.submit("m", [100, 100])
+    ran = {a.worker: a.task for a in assigns(d.request("slow") + d.request("fast"))}
+    d.succeed("fast", ran["fast"], 25.0, at=25.0)
+    d.request("fast")
+    d.succeed("slow", ran["slow"], 100.0, at=100.0)
+    d.request("slow")
+    return d
+
+
+def test_a_slow_worker_gives_its_large_file_to_a_faster_one_for_its_smaller_one_when_both_then_end_sooner():
+    d = measured_pair()
+    out = d.submit("j", [100, 80, 60, 40])  # the table says equal: j:0 (100) and j:3 are seeded to slow
+    given = {a.worker: d.cost(a.task) for a in assigns(out)}
+    # slow would end at 200 with its 100; taking fast's 60 instead it ends at 160, and fast ends the 100 at 145.
+    assert given == {"fast": 80, "slow": 60}
+    assert [d.cost(key[-1]) for key in d.scheduler.workers["fast"].queue] == [100]
+    assert d.scheduler.jobs["j"].steals == 1
+
+
+def test_no_swap_while_the_faster_worker_has_more_queued_than_the_slow_one_can_save():
+    d = measured_pair()
+    # Seeded evenly by the table: fast's queue of 15s ends at 160, after slow's 20 (120); swapping slow's 20 for a 15
+    # would end fast at 161.25.
+    out = d.submit("j", [20] + [15] * 30)
+    assert {a.worker: d.cost(a.task) for a in assigns(out)} == {"fast": 15, "slow": 20}
+    assert d.scheduler.jobs["j"].steals == 0
