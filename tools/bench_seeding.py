@@ -213,7 +213,8 @@ def measure_real_broker(workers: int, files: int, root: Path) -> dict[str, Any]:
         "workers": workers, "files": files, "submit_accepted_s": accepted,
         "heartbeat_wait_max_s": max(fake.ack_waits), "heartbeat_wait_median_s": statistics.median(fake.ack_waits),
         "status_wait_max_s": max(status_waits), "status_requests": len(status_waits),
-        "alive_after": sum(1 for w in status["workers"] if w["alive"]), "reregistered": fake.reregistered,
+        # The status lists a page of workers; its summary counts them all.
+        "alive_after": status["summary"]["alive"], "reregistered": fake.reregistered,
     }
 
 
