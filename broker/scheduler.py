@@ -360,13 +360,15 @@ class Scheduler:
 
     # ------------------------------------------------------------ queues
 
-    def _enqueue(self, worker: Worker, task: Task) -> None:
+    def _enqueue(self, worker: Worker, task: Task, offer: bool = True) -> None:
+        """Queue `task` for `worker`; offer=False: no waiting worker is offered work for it (a dispatch in progress
+        moved it, and reaches the rest of the waiting workers itself)."""
         task.owner = worker.id
         task.state = "queued"
         worker.queue.add(task.key)
         worker.queued_cost += task.cost
         self._reindex(worker)
-        self._offer_all = True
+        self._offer_all = self._offer_all or offer
 
     def _dequeue(self, task: Task, reindex: bool = True) -> None:
         """Take `task` out of its queue (or the unowned pool). reindex=False: the caller reindexes the owner."""
@@ -808,13 +810,18 @@ class Scheduler:
         """
         out: list[Instruction] = []
         scale = self.scale()
-        stalled = [
-            w for w in self.workers.values()
-            if w.running is not None and w.progress is not None
-            and now - w.progress_at > self.task_timeout_of(w, self.tasks[w.running], scale)
-        ]
-        for worker in stalled:
-            timeout = self.task_timeout_of(worker, self.tasks[worker.running or ""], scale)
+        stalled: list[tuple[Worker, float]] = []
+        unpublished: list[tuple[Worker, float]] = []
+        for w in self.workers.values():
+            if w.running is not None and w.progress is not None:
+                timeout = self.task_timeout_of(w, self.tasks[w.running], scale)
+                if now - w.progress_at > timeout:
+                    stalled.append((w, timeout))
+            if w.finishing is not None:
+                timeout = self.task_timeout_of(w, self.tasks[w.finishing], scale)
+                if now - w.finishing_at > timeout:
+                    unpublished.append((w, timeout))
+        for worker, timeout in stalled:
             task = self._end_copy(worker, now)
             task.revoked |= {worker.id}
             worker.stuck = task.id
@@ -829,13 +836,7 @@ class Scheduler:
         # A file run to the end whose output is not published within the task timeout (a write that never
         # returns): its copy fails there. The worker runs other files meanwhile, so it is not held back; if it
         # cannot let go of the write it restarts itself.
-        unpublished = [
-            w for w in self.workers.values()
-            if w.finishing is not None
-            and now - w.finishing_at > self.task_timeout_of(w, self.tasks[w.finishing], scale)
-        ]
-        for worker in unpublished:
-            timeout = self.task_timeout_of(worker, self.tasks[worker.finishing or ""], scale)
+        for worker, timeout in unpublished:
             task = self._end_finishing(worker)
             task.revoked |= {worker.id}
             out.append(Revoke(worker.id, task.id, abandon=True))
@@ -1096,12 +1097,7 @@ class Scheduler:
             return None
         _, other, head = best
         self._dequeue(own)
-        # Into the faster worker's queue, without an offer: it is queued behind a running file, and the waiting
-        # workers this dispatch still reaches may take it from there.
-        own.owner = other.id
-        other.queue.add(own.key)
-        other.queued_cost += own.cost
-        self._reindex(other)
+        self._enqueue(other, own, offer=False)
         return self._steal(head, other, worker)
 
     def _stealable(self, victim: Worker, thief: Worker, budget: float) -> Task | None:

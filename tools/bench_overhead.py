@@ -251,8 +251,8 @@ def main(seconds: float, gap_files: int, json_path: Path | None, echo: str | Non
     click.echo(f"raw ROUTER/DEALER echo: round trip p50 {raw['latency_p50_ms']:.3f} ms, "
                f"p99 {raw['latency_p99_ms']:.3f} ms; {raw['round_trips_per_s']:,.0f} round trips/s")
     click.echo(f"worker, {gap['files']} files of {gap['file_seconds'] * 1e3:g} ms: gap between files "
-               f"mean {gap['gap_mean_ms']:.3f} ms, p50 {gap['gap_p50_ms']:.3f} ms, p90 {gap['gap_p90_ms']:.3f} ms, p99 {gap['gap_p99_ms']:.3f} ms, "
-               f"max {gap['gap_max_ms']:.3f} ms")
+               f"mean {gap['gap_mean_ms']:.3f} ms, p50 {gap['gap_p50_ms']:.3f} ms, p90 {gap['gap_p90_ms']:.3f} ms, "
+               f"p99 {gap['gap_p99_ms']:.3f} ms, max {gap['gap_max_ms']:.3f} ms")
     if json_path:
         json_path.write_text(json.dumps({"broker": broker, "raw": raw, "file_gap": gap}, indent=2) + "\n")
 

@@ -218,14 +218,17 @@ def test_the_file_server_lets_in_only_keys_the_broker_admits_as_workers_even_wit
     with FileServer(out, "tcp://127.0.0.1:*", [worker_public.decode()], marker=False).start() as server:
         transfer = server.offer([{"path": str(source), "output": str(out / "in_synthetic.json")}])
         heard = {}
-        for name, (public, secret) in (("stranger", zmq.curve_keypair()), ("worker", (worker_public, worker_secret))):
+        # The admitted key first, waited for as long as a loaded machine needs: the server is then surely up, so
+        # the stranger's silence over the next 5 s is the server's refusal, not its slowness.
+        for name, (public, secret), wait_ms in (("worker", (worker_public, worker_secret), 60_000),
+                                                ("stranger", zmq.curve_keypair(), 5000)):
             dealer = zmq.Context.instance().socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
             dealer.curve_publickey, dealer.curve_secretkey = public, secret
             dealer.curve_serverkey = transfer["server_key"].encode()
             dealer.connect(transfer["address"])
             dealer.send_multipart(wire.encode("stat", token=transfer["token"], task="job:0", output="in_synthetic.json"))
-            heard[name] = wire.decode(dealer.recv_multipart(), wire.REPLIES)[0]["type"] if dealer.poll(5000) else None
+            heard[name] = wire.decode(dealer.recv_multipart(), wire.REPLIES)[0]["type"] if dealer.poll(wait_ms) else None
             dealer.close()
     assert heard == {"stranger": None, "worker": "input"}
 

@@ -124,7 +124,6 @@ class Worker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task")
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
         self._future: Future | None = None
-        self._running: str | None = None  # the task of _future
         self._publishes: deque[tuple[str, Future]] = deque()  # outputs being published, in order
         self._cancel = threading.Event()
         self._progress = 0  # how often the running task asked whether to stop: its units of work begun
@@ -262,7 +261,6 @@ class Worker:
         # A fresh flag per task: a revoke that arrives late can never stop the next file.
         self._cancel = threading.Event()
         self._progress = 0
-        self._running = assignment["task"]
         self._future = self._executor.submit(self._execute, assignment, self._cancel)
         self._future.add_done_callback(lambda _: self._wake())
 
@@ -330,9 +328,9 @@ class Worker:
 
     def _outcome(self) -> Event:
         """The session event for the running task, which just ended; a computed output starts publishing."""
-        future, task = self._future, self._running
+        future, task = self._future, self.session.task
         assert future is not None and task is not None
-        self._future, self._running = None, None
+        self._future = None
         now = time.monotonic()
         try:
             result = future.result()

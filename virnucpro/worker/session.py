@@ -222,8 +222,12 @@ class WorkerSession:
         announced as finishing."""
         if self.running is not None:
             return self.running["task"]
-        waiting = [a["task"] for a in self.publishing if a["task"] not in self._announced]
-        return waiting[0] if waiting else None
+        unannounced = self._unannounced()
+        return unannounced[0] if unannounced else None
+
+    def _unannounced(self) -> list[str]:
+        """The publishing tasks the broker still takes to be running (at most one: none is asked for meanwhile)."""
+        return [a["task"] for a in self.publishing if a["task"] not in self._announced]
 
     def deadline(self) -> float:
         """When the next timer falls due (monotonic seconds; inf before the first Connected)."""
@@ -369,11 +373,8 @@ class WorkerSession:
         out: list[Instruction] = [Log(logging.ERROR, f"task {self._abandoning} did not stop within {ABANDON_GRACE:g} "
                                                      "s of being abandoned (blocked in a system call?); restarting "
                                                      "this worker")]
-        if self.registered:
-            out.append(Send("bye"))
-            self.registered = False
         self._connected = False
-        return [*out, Restart()]
+        return [*out, *self._bye(), Restart()]
 
     # ------------------------------------------------------------- tasks
 
@@ -401,7 +402,7 @@ class WorkerSession:
         published, unless the result of the one named before has not gone out yet."""
         if not self.registered or self.running is not None or self._asked or self._leaving:
             return []
-        unannounced = [a["task"] for a in self.publishing if a["task"] not in self._announced]
+        unannounced = self._unannounced()
         if not unannounced:
             self._asked = True
             return [Send("request")]
